@@ -1,0 +1,1 @@
+"""Datasets. Never imports vqdiff.diffusion, vqdiff.models or vqdiff.train."""

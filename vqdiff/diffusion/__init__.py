@@ -1,0 +1,1 @@
+"""Diffusion math on tensors. Never imports vqdiff.models, vqdiff.data or vqdiff.train."""

@@ -1,0 +1,103 @@
+"""Likelihood terms shared by both processes: Gaussian KL / discretized decoder and log-space helpers.
+
+Continuous terms follow Ho et al. 2020 (Sec. 3.3) and Nichol & Dhariwal 2021; discrete ones work on
+log-probabilities `[B, C, N]` with the class dimension at dim 1.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LOG_EPS = -70.0  # log of "zero" probability: exp(-70) ~ 4e-31 stays finite in float32 arithmetic
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every dimension but the batch."""
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def sum_flat(x: torch.Tensor) -> torch.Tensor:
+    """Sum over every dimension but the batch."""
+    return x.sum(dim=tuple(range(1, x.ndim)))
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales, num_bins: int = 256):
+    """log p(x) of data in [-1, 1] quantised to `num_bins` levels under N(means, exp(log_scales)^2).
+
+    Ho et al. 2020 eq. (13): the edge bins extend to -inf / +inf. Uses exact log-CDFs (log_ndtr), so
+    it is accurate in the tails where differences of CDFs underflow.
+    """
+    half_bin = 1.0 / (num_bins - 1)
+    inv_std = torch.exp(-log_scales)
+    upper = inv_std * (x - means + half_bin)
+    lower = inv_std * (x - means - half_bin)
+    log_cdf_upper = torch.special.log_ndtr(upper)
+    log_one_minus_cdf_lower = torch.special.log_ndtr(-lower)
+    log_mid = _log_normal_mass(lower, upper)
+    edge = 1.0 - half_bin
+    return torch.where(x < -edge, log_cdf_upper,
+                       torch.where(x > edge, log_one_minus_cdf_lower, log_mid))
+
+
+def _log_normal_mass(lower, upper):
+    """log(Phi(upper) - Phi(lower)) for lower < upper, computed on the side of 0 where it does not cancel."""
+    flip = lower > 0  # both in the right tail: use Phi(-lower) - Phi(-upper)
+    hi = torch.where(flip, -lower, upper)
+    lo = torch.where(flip, -upper, lower)
+    log_hi = torch.special.log_ndtr(hi)
+    return log_hi + log_1_min_a(torch.clamp(torch.special.log_ndtr(lo) - log_hi, max=-1e-12))
+
+
+def gaussian_log_likelihood(x, mean, log_scale):
+    """Continuous log N(x; mean, exp(log_scale)^2), elementwise (for data that are not pixels)."""
+    return -0.5 * (math.log(2 * math.pi) + 2 * log_scale + (x - mean) ** 2 * torch.exp(-2 * log_scale))
+
+
+# ---- log-space helpers for categorical distributions -------------------------------------------
+
+def log_1_min_a(a: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(a)) for a <= 0, stable at both ends (Maechler 2012)."""
+    return torch.where(a > -math.log(2.0), torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+
+
+def log_add_exp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """log(exp(a) + exp(b)), elementwise."""
+    return torch.logaddexp(a, b)
+
+
+def index_to_log_onehot(x: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Token ids `[B, N]` -> log one-hot `[B, num_classes, N]` with LOG_EPS for the zeros."""
+    out = torch.full((x.shape[0], num_classes, x.shape[1]), LOG_EPS, device=x.device)
+    return out.scatter_(1, x.unsqueeze(1), 0.0)
+
+
+def log_onehot_to_index(log_x: torch.Tensor) -> torch.Tensor:
+    return log_x.argmax(dim=1)
+
+
+def multinomial_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over dim 1 of `[B, C, N]` log-probabilities -> `[B, N]` in nats."""
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+
+
+def log_categorical(log_x_onehot: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
+    """sum_c x_c log p_c over dim 1 -> `[B, N]`: the log-likelihood of a (one-hot) x under p."""
+    return (log_x_onehot.exp() * log_prob).sum(dim=1)
+
+
+def log_sample_categorical(logits: torch.Tensor, generator=None) -> torch.Tensor:
+    """Sample ids `[B, N]` from log-probabilities `[B, C, N]` with the Gumbel-max trick."""
+    uniform = torch.rand(logits.shape, device=logits.device, generator=generator)
+    gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-30)).clamp_min(1e-30))
+    return (logits + gumbel).argmax(dim=1)
+
+
+def log_softmax(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    return F.log_softmax(logits.float(), dim=dim)

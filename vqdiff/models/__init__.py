@@ -1,0 +1,1 @@
+"""Networks (nn.Modules only). Never imports vqdiff.diffusion, vqdiff.data or vqdiff.train."""
