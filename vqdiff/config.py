@@ -1,0 +1,228 @@
+"""Typed experiment configs: dataclasses loaded from YAML, with `key.sub=value` overrides.
+
+A YAML file lists only what differs from the defaults below. Unknown keys, wrong types and missing
+files fail with a message that names them. The resolved config (every field) is saved with each
+checkpoint, so a run can always be rebuilt from its directory.
+"""
+
+import dataclasses
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+FORMAT_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+class ModelType(str, enum.Enum):
+    DDPM = "ddpm"          # Gaussian diffusion on pixels or vectors (UNet or MLP)
+    VQ_DIFFUSION = "vq"    # mask-and-replace diffusion on VQ tokens (DiffusionTransformer)
+
+
+class Network(str, enum.Enum):
+    UNET = "unet"
+    MLP = "mlp"
+    TRANSFORMER = "transformer"
+
+
+@dataclass
+class DataConfig:
+    name: str = "shapes"             # shapes | toy2d | cifar10 | mnist | image_folder
+    root: str | None = None          # local folder for cifar10 / mnist / image_folder
+    size: int = 64                   # image side in pixels
+    num_samples: int = 20000         # generated data sets (shapes, toy2d)
+    seed: int = 0
+    toy: str = "scurve"              # toy2d: scurve | swissroll | moons
+    max_objects: int = 2             # shapes: 1 or 2 objects per image
+    paraphrase: bool = False         # shapes: varied caption templates
+    classes: list[int] | None = None  # keep only these labels (per-class fine-tuning)
+    hflip: bool = False
+    batch_size: int = 64
+    num_workers: int = 0
+
+
+@dataclass
+class UNetConfig:
+    ch: int = 128
+    ch_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])
+    attn_resolutions: list[int] = field(default_factory=lambda: [16])
+    num_res_blocks: int = 2
+    dropout: float = 0.1
+    num_heads: int = 1
+    use_scale_shift_norm: bool = False
+    resblock_updown: bool = False
+    num_classes: int | None = None   # class-label conditioning
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class MLPConfig:
+    hidden: int = 128
+    num_layers: int = 3
+
+
+@dataclass
+class GaussianDiffusionConfig:
+    num_timesteps: int = 1000
+    beta_schedule: str = "linear"    # linear | cosine | quadratic | sigmoid
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    mean_type: str = "epsilon"       # epsilon | start_x | previous_x | velocity
+    var_type: str = "fixed_large"    # fixed_large | fixed_small | learned | learned_range
+    loss_type: str = "mse"           # mse | rescaled_mse | kl | rescaled_kl | hybrid
+    time_sampler: str = "uniform"    # uniform | importance
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 10000
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    ema_every: int = 1
+    ema_start: int = 0               # steps before the EMA starts tracking (it copies the weights until then)
+    mixed_precision: str = "no"      # no | fp16 | bf16
+    log_every: int = 50
+    sample_every: int = 1000
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    num_sample_images: int = 16
+
+
+@dataclass
+class SampleConfig:
+    steps: int | None = None         # None: every training step
+    sampler: str = "ddpm"            # ddpm | ddim (Gaussian)
+    eta: float = 0.0
+    guidance_scale: float = 1.0
+    clip_denoised: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    model: ModelType = ModelType.DDPM
+    network: Network = Network.UNET
+    out_dir: str | None = None       # default: runs/<name>
+    seed: int = 0
+    format_version: int = FORMAT_VERSION
+    data: DataConfig = field(default_factory=DataConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    gaussian: GaussianDiffusionConfig = field(default_factory=GaussianDiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir or f"runs/{self.name}")
+
+
+# ---- loading ---------------------------------------------------------------------------------------
+
+def load_config(path: "str | Path | None" = None, overrides: "list[str] | None" = None,
+                cls=ExperimentConfig):
+    """Read a YAML file (or start from the defaults) and apply `key.sub=value` overrides."""
+    data = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    for item in overrides or []:
+        apply_override(data, item)
+    return from_dict(cls, data, where=str(path) if path else "config")
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (`3`, `1e-4`, `[1,2]`, `null`)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, _, raw = item.partition("=")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def from_dict(cls, data: dict, where: str = "config"):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} for {cls.__name__}; "
+                          f"valid keys: {', '.join(sorted(names))}")
+    kwargs = {name: _convert(hints[name], value, f"{where}.{name}" if where != "config" else name)
+              for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _convert(hint, value, key: str):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {hint}")
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where=key)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            raise ConfigError(f"{key}: {value!r} is not one of {[m.value for m in hint]}") from None
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r} "
+                      f"({type(value).__name__})")
+
+
+def to_dict(config) -> dict:
+    """Plain dict (enums as their values) for YAML."""
+    def plain(v):
+        if isinstance(v, enum.Enum):
+            return v.value
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+    return plain(dataclasses.asdict(config))
+
+
+def save_config(config, path: "str | Path") -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(config), f, sort_keys=False)

@@ -1,0 +1,151 @@
+"""Checkpoint directories, written atomically.
+
+    <run>/checkpoints/step_00001000/
+        config.yaml          the resolved experiment config
+        model.safetensors    trained weights
+        ema.safetensors      EMA weights (what sampling uses)
+        optimizer.pt         optimizer state
+        state.pt             step, time-sampler history, RNG states, format_version
+
+Everything is written into `step_XXXXXXXX.tmp` and renamed when complete, so a crash never leaves a
+half-written checkpoint where `latest_checkpoint` would find it. Tensors load with safetensors or
+`torch.load(weights_only=True)`.
+"""
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import FORMAT_VERSION, ConfigError, load_config, save_config, to_dict
+
+log = logging.getLogger(__name__)
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, or does not fit the model or config."""
+
+
+def save_weights(state: dict, path: "str | Path") -> None:
+    # safetensors refuses shared storage; every tensor gets its own contiguous copy.
+    save_file({k: v.detach().contiguous().clone().cpu() for k, v in state.items()}, str(path))
+
+
+def load_weights(path: "str | Path") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing weights file: {path}")
+    return load_file(str(path))
+
+
+def load_into(module: torch.nn.Module, state: dict, what: str) -> None:
+    """load_state_dict(strict) with an error that names every missing, unexpected or mis-shaped key."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        lines = [f"{what} does not fit the model:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:20])}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}")
+        if shapes:
+            lines.append(f"  shape mismatches ({len(shapes)}): {'; '.join(shapes[:20])}")
+        raise CheckpointError("\n".join(lines))
+    module.load_state_dict(state)
+
+
+def save_checkpoint(run_dir: Path, step: int, config, model_state: dict, ema_state: dict,
+                    optimizer_state: dict, state: dict, keep: int = 2) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f"step_{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_config(config, tmp / "config.yaml")
+    save_weights(model_state, tmp / "model.safetensors")
+    save_weights(ema_state, tmp / "ema.safetensors")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    torch.save({**state, "step": step, "format_version": FORMAT_VERSION}, tmp / "state.pt")
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    for file in path.iterdir() if path.is_dir() else []:
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def list_checkpoints(run_dir: "str | Path") -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)
+             and (p / "state.pt").is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: "str | Path") -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: "str | Path") -> Path:
+    """Accept a checkpoint directory or a run directory (then its latest checkpoint)."""
+    path = Path(path)
+    if (path / "config.yaml").is_file() and (path / "ema.safetensors").is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"no checkpoint found at {path} (expected a checkpoint directory with "
+                              "config.yaml and ema.safetensors, or a run directory with checkpoints/step_*)")
+    return latest
+
+
+def read_config(checkpoint: Path):
+    try:
+        return load_config(Path(checkpoint) / "config.yaml")
+    except ConfigError as e:
+        raise CheckpointError(f"{checkpoint}: its config.yaml does not load: {e}") from e
+
+
+def read_state(checkpoint: Path) -> dict:
+    state = torch.load(Path(checkpoint) / "state.pt", map_location="cpu", weights_only=True)
+    version = state.get("format_version", 0)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{checkpoint} has format_version {version}; this vqdiff reads up to "
+                              f"{FORMAT_VERSION}. Upgrade vqdiff.")
+    return state
+
+
+def architecture_differences(saved, current, sections: tuple[str, ...]) -> list[str]:
+    """Dotted keys whose values differ between two configs, within the named sections."""
+    a, b = to_dict(saved), to_dict(current)
+    diffs = []
+
+    def walk(x, y, prefix):
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                walk(x.get(k), y.get(k), f"{prefix}.{k}" if prefix else k)
+        elif x != y:
+            diffs.append(f"{prefix}: checkpoint {x!r} vs config {y!r}")
+
+    for section in sections:
+        walk(a.get(section), b.get(section), section)
+    return diffs

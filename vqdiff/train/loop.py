@@ -1,0 +1,263 @@
+"""The one accelerate training loop used by every diffusion model in the repo.
+
+A `TrainTask` (built by vqdiff.build) says what to train and how to score a batch; this loop owns
+the rest: data order, time sampling with importance weights, AdamW with warmup, grad clipping, EMA,
+mixed precision, logging, sample grids, atomic checkpoints and exact resumption.
+"""
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import ExperimentConfig, save_config
+from .checkpoint import (CheckpointError, architecture_differences, latest_checkpoint, load_into, load_weights,
+                         read_config, read_state, resolve_checkpoint, save_checkpoint)
+from .ema import EMA
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last checkpoint on disk is intact."""
+
+
+@dataclass
+class TrainTask:
+    model: nn.Module
+    # (model, batch, t, generator) -> {"loss": [B], other per-sample terms}
+    losses: Callable[[nn.Module, dict, torch.Tensor, torch.Generator], dict]
+    time_sampler: object
+    num_timesteps: int
+    # (ema model, generator) -> PIL image of a sample grid, or None when the task has no pictures
+    make_samples: Callable | None = None
+    # config sections that must match for --resume / --init-from
+    architecture_sections: tuple[str, ...] = ()
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Batch indices for steps [start, stop): a fresh permutation per epoch seeded by (seed, epoch), each
+    process taking its own slice, so batch k is the same whether or not training was resumed before k."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, start: int, stop: int,
+                 rank: int = 0, world_size: int = 1):
+        self.global_batch = batch_size * world_size
+        if num_items < self.global_batch:
+            raise ValueError(f"the data set has {num_items} items, fewer than one global batch "
+                             f"({batch_size} x {world_size} processes)")
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.start, self.stop, self.rank = start, stop, rank
+        self.per_epoch = num_items // self.global_batch
+
+    def __len__(self):
+        return max(self.stop - self.start, 0)
+
+    def __iter__(self):
+        epoch, perm = None, None
+        for step in range(self.start, self.stop):
+            e, k = divmod(step, self.per_epoch)
+            if e != epoch:
+                epoch = e
+                perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed * 7919 + e))
+            begin = k * self.global_batch + self.rank * self.batch_size
+            yield perm[begin:begin + self.batch_size].tolist()
+
+
+def default_collate(items):
+    return torch.utils.data.default_collate(items)
+
+
+def step_generator(device, seed: int, step: int, rank: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 64 + rank)
+
+
+def train(cfg: ExperimentConfig, task: TrainTask, dataset, resume: "str | None" = None,
+          init_from: "str | None" = None, progress: bool = True) -> Path:
+    """Train until cfg.train.max_steps; returns the run directory. `resume="auto"` continues from the
+    latest checkpoint of the run (or starts fresh if there is none); `init_from` loads weights only."""
+    tc = cfg.train
+    run_dir = cfg.run_dir
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision, kwargs_handlers=[ddp])
+    device = accelerator.device
+    model = task.model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas),
+                                  weight_decay=tc.weight_decay)
+    ema = EMA(model, tc.ema_decay, tc.ema_every, tc.ema_start)
+    start_step = 0
+
+    checkpoint = _checkpoint_to_resume(run_dir, resume)
+    if checkpoint is not None:
+        _check_same_architecture(checkpoint, cfg, task)
+        load_into(model, load_weights(checkpoint / "model.safetensors"), f"{checkpoint}/model.safetensors")
+        load_into(ema.model, load_weights(checkpoint / "ema.safetensors"), f"{checkpoint}/ema.safetensors")
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
+        state = read_state(checkpoint)
+        task.time_sampler.load_state_dict(state["time_sampler"])
+        torch.set_rng_state(state["rng_cpu"][accelerator.process_index % len(state["rng_cpu"])])
+        start_step = state["step"]
+        log.info("resumed from %s at step %d", checkpoint, start_step)
+    elif init_from is not None:
+        source = resolve_checkpoint(init_from)
+        _check_same_architecture(source, cfg, task)
+        weights = load_weights(source / "ema.safetensors")
+        load_into(model, weights, f"{source}/ema.safetensors")
+        load_into(ema.model, weights, f"{source}/ema.safetensors")
+        log.info("initialised weights from %s (fresh optimizer)", source)
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema.model.to(device)
+    raw_model = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    sampler = StepBatchSampler(len(dataset), cfg.data.batch_size, cfg.seed, start_step, tc.max_steps,
+                               accelerator.process_index, accelerator.num_processes)
+    # its own generator: the loader must not draw from the global RNG, or resuming would shift dropout noise
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                                         collate_fn=getattr(dataset, "collate", default_collate),
+                                         generator=torch.Generator().manual_seed(cfg.seed))
+    stats = _Stats(task.num_timesteps)
+    bar = tqdm(total=tc.max_steps, initial=start_step, disable=not (progress and accelerator.is_main_process),
+               desc=cfg.name, dynamic_ncols=True)
+    step = start_step
+    for batch in loader:
+        batch = _to_device(batch, device)
+        generator = step_generator(device, cfg.seed, step, accelerator.process_index)
+        batch_size = _batch_size(batch)
+        t, weights = task.time_sampler.sample(batch_size, device, generator=generator)
+        for group in optimizer.param_groups:
+            group["lr"] = tc.lr * min(1.0, (step + 1) / max(tc.warmup_steps, 1))
+        with accelerator.autocast():
+            terms = task.losses(model, batch, t, generator)
+        per_sample = terms["loss"].float()
+        loss = (per_sample * weights).mean()
+        bad = accelerator.reduce((~torch.isfinite(loss)).float().reshape(1), reduction="sum")
+        if bad.item() > 0:
+            last = latest_checkpoint(run_dir)
+            raise TrainingDiverged(f"loss is {loss.item()} at step {step}; stopping without saving. "
+                                   f"Last good checkpoint: {last or 'none'}. Try a lower train.lr, "
+                                   "train.grad_clip, or mixed_precision=no.")
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        task.time_sampler.update(t, per_sample.detach())
+        step += 1
+        ema.update(raw_model, step)
+        stats.add(t, per_sample.detach(), terms)
+        bar.update(1)
+
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            record = stats.flush(step, optimizer.param_groups[0]["lr"], grad_norm)
+            bar.set_postfix(loss=f"{record['loss']:.4g}")
+            if accelerator.is_main_process:
+                with open(run_dir / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+        if task.make_samples is not None and tc.sample_every > 0 and (
+                step % tc.sample_every == 0 or step == tc.max_steps) and accelerator.is_main_process:
+            _save_samples(task, ema.model, run_dir, step, cfg.seed, device)
+        if step % tc.checkpoint_every == 0 or step == tc.max_steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                rng = [torch.get_rng_state()]
+                save_checkpoint(run_dir, step, cfg, raw_model.state_dict(), ema.state_dict(),
+                                optimizer.state_dict(), {"time_sampler": task.time_sampler.state_dict(),
+                                                         "rng_cpu": rng}, keep=tc.keep_checkpoints)
+            accelerator.wait_for_everyone()
+    bar.close()
+    accelerator.end_training()
+    return run_dir
+
+
+def _checkpoint_to_resume(run_dir: Path, resume: "str | None") -> "Path | None":
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            log.info("--resume auto: no checkpoint in %s, starting fresh", run_dir)
+        return found
+    return resolve_checkpoint(resume)
+
+
+def _check_same_architecture(checkpoint: Path, cfg: ExperimentConfig, task: TrainTask) -> None:
+    saved = read_config(checkpoint)
+    diffs = architecture_differences(saved, cfg, ("model", "network") + task.architecture_sections)
+    if diffs:
+        raise CheckpointError(f"checkpoint {checkpoint} was trained with a different config:\n  "
+                              + "\n  ".join(diffs))
+
+
+def _to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _batch_size(batch) -> int:
+    for value in batch.values():
+        if isinstance(value, torch.Tensor):
+            return value.shape[0]
+        if isinstance(value, (list, tuple)):
+            return len(value)
+    raise ValueError("cannot tell the batch size: the batch holds no tensor or list")
+
+
+def _save_samples(task: TrainTask, ema_model, run_dir: Path, step: int, seed: int, device) -> None:
+    image = task.make_samples(ema_model, torch.Generator(device=device).manual_seed(seed))
+    out = run_dir / "samples"
+    out.mkdir(parents=True, exist_ok=True)
+    image.save(out / f"step_{step:08d}.png")
+
+
+class _Stats:
+    """Running means between log lines: total loss, named terms, and loss per quartile of t."""
+
+    def __init__(self, num_timesteps: int):
+        self.num_timesteps = num_timesteps
+        self.reset()
+
+    def reset(self):
+        self.sums, self.counts = {}, {}
+        self.started = time.perf_counter()
+        self.steps = 0
+
+    def _add(self, name, values):
+        self.sums[name] = self.sums.get(name, 0.0) + float(values.sum())
+        self.counts[name] = self.counts.get(name, 0) + values.numel()
+
+    def add(self, t, per_sample, terms):
+        self.steps += 1
+        self._add("loss", per_sample)
+        for name, value in terms.items():
+            if name != "loss" and isinstance(value, torch.Tensor) and value.ndim == 1:
+                self._add(name, value.detach().float())
+        quartile = (t * 4) // self.num_timesteps
+        for q in range(4):
+            chosen = per_sample[quartile == q]
+            if chosen.numel():
+                self._add(f"loss_q{q}", chosen)
+
+    def flush(self, step, lr, grad_norm) -> dict:
+        elapsed = time.perf_counter() - self.started
+        record = {"step": step, "lr": lr, "steps_per_s": self.steps / max(elapsed, 1e-9)}
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        record.update({k: self.sums[k] / self.counts[k] for k in self.sums})
+        if not math.isfinite(record.get("loss", 0.0)):
+            record["loss"] = float("nan")
+        self.reset()
+        return record
