@@ -24,6 +24,7 @@ class ConfigError(ValueError):
 class ModelType(str, enum.Enum):
     DDPM = "ddpm"          # Gaussian diffusion on pixels or vectors (UNet or MLP)
     VQ_DIFFUSION = "vq"    # mask-and-replace diffusion on VQ tokens (DiffusionTransformer)
+    VQVAE = "vqvae"        # the Gumbel VQ-VAE tokenizer itself
 
 
 class Network(str, enum.Enum):
@@ -66,6 +67,34 @@ class UNetConfig:
 class MLPConfig:
     hidden: int = 128
     num_layers: int = 3
+
+
+@dataclass
+class TokenizerConfig:
+    """The Gumbel VQ-VAE: its architecture and training losses (model: vqvae), or `path` to a trained one."""
+    path: str | None = None          # a trained tokenizer directory (config.json + model.safetensors)
+    ch: int = 64
+    ch_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
+    num_res_blocks: int = 1
+    attn_resolutions: list[int] = field(default_factory=list)
+    z_channels: int = 64
+    embedding_dim: int = 64
+    num_embeddings: int = 1024
+    norm_groups: int = 32
+    dropout: float = 0.0
+    straight_through: bool = True
+    kl_weight: float = 5.0e-4
+    temperature_start: float = 1.0
+    temperature_end: float = 0.0625
+    temperature_steps: int = 5000
+    temperature_decay: str = "exponential"  # constant | linear | exponential | cosine
+    recon: str = "l1"                # l1 | l2
+    codebook_weight: float = 1.0
+    disc_weight: float = 0.0         # > 0 turns on the PatchGAN discriminator
+    disc_start: int = 0
+    perceptual_weight: float = 0.0
+    perceptual_path: str | None = None  # local VGG16 weights; nothing is downloaded
+    trim_min_count: int = 1          # after training keep codes used at least this often
 
 
 @dataclass
@@ -117,6 +146,7 @@ class ExperimentConfig:
     seed: int = 0
     format_version: int = FORMAT_VERSION
     data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     mlp: MLPConfig = field(default_factory=MLPConfig)
     gaussian: GaussianDiffusionConfig = field(default_factory=GaussianDiffusionConfig)

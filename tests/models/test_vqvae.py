@@ -1,0 +1,267 @@
+import math
+
+import pytest
+import torch
+
+from vqdiff.models.vqvae import (AttnBlock, GumbelQuantizer, GumbelVQVAE, TemperatureDecay, TemperatureSchedule,
+                                 gumbel_softmax, temperature_at)
+
+TINY = dict(resolution=16, ch=16, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8], z_channels=16,
+            norm_groups=8, embedding_dim=16, num_embeddings=512)
+
+
+def tiny_model(seed: int = 0, **overrides) -> GumbelVQVAE:
+    torch.manual_seed(seed)
+    return GumbelVQVAE.from_config({**TINY, **overrides}).eval()
+
+
+def images(batch: int, size: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_shapes_of_every_path():
+    model = tiny_model().train()
+    x = images(2)
+    out = model(x, temperature=0.5, generator=torch.Generator().manual_seed(0))
+    assert out["recon"].shape == (2, 3, 16, 16)
+    assert out["logits"].shape == (2, 512, 8, 8)
+    assert out["tokens"].shape == (2, 8, 8) and out["tokens"].dtype == torch.int64
+    assert out["kl"].shape == () and out["kl_loss"].shape == ()
+    model.eval()
+    tokens = model.encode(x)
+    assert tokens.shape == (2, 8, 8) and tokens.dtype == torch.int64
+    assert model.encode(x, sample=True, generator=torch.Generator().manual_seed(0)).shape == (2, 8, 8)
+    recon = model.decode(tokens)
+    assert recon.shape == (2, 3, 16, 16) and recon.min() >= -1 and recon.max() <= 1
+    assert model.num_embeddings == 512 and model.codebook_size == 512 and model.downsample_factor == 2
+    # non-square inputs of any multiple of the factor work too
+    assert model.encode(images(1, size=16)[..., :12]).shape == (1, 8, 6)
+
+
+def test_shapes_config_gives_16x16_tokens_from_64px():
+    torch.manual_seed(0)
+    model = GumbelVQVAE(resolution=64, ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,),
+                        z_channels=64, embedding_dim=64, num_embeddings=1024).eval()
+    assert model.downsample_factor == 4
+    with torch.no_grad():
+        tokens = model.encode(images(1, size=64))
+        assert tokens.shape == (1, 16, 16)
+        assert model.decode(tokens).shape == (1, 3, 64, 64)
+
+
+def test_eval_forward_is_the_deterministic_encode_decode():
+    model = tiny_model()
+    x = images(2)
+    with torch.no_grad():
+        out = model(x)
+        tokens = model.encode(x)
+        assert torch.equal(out["tokens"], tokens)
+        torch.testing.assert_close(out["recon"].clamp(-1, 1), model.decode(tokens))
+
+
+def test_attention_matches_the_taming_formula_in_float64():
+    torch.manual_seed(0)
+    block = AttnBlock(32, groups=8).double()
+    x = torch.randn(2, 32, 5, 3, dtype=torch.float64)
+    h = block.norm(x)
+    q, k, v = (conv(h).flatten(2) for conv in (block.q, block.k, block.v))  # [B, C, N]
+    weights = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / math.sqrt(32), dim=2)  # [B, N(query), N(key)]
+    reference = x + block.proj_out(torch.einsum("bcj,bij->bci", v, weights).reshape(x.shape))
+    torch.testing.assert_close(block(x), reference)
+
+
+def test_gumbel_max_samples_follow_the_softmax():
+    logits = torch.tensor([1.0, 0.0, -1.0, 2.0])
+    probs = logits.softmax(0)
+    draws = 40_000
+    grid = logits.view(1, 4, 1, 1).expand(draws, 4, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    hard = gumbel_softmax(grid, 1.0, hard=True, generator=g)
+    freq = hard.mean((0, 2, 3))
+    # 5 standard errors of a frequency near 0.5 over 40k draws is 0.0125
+    torch.testing.assert_close(freq, probs, atol=0.0125, rtol=0)
+    assert torch.equal(hard.sum(1), torch.ones(draws, 1, 1))
+
+
+def test_quantizer_sample_ids_draw_from_the_softmax_and_argmax_without_sample():
+    torch.manual_seed(0)
+    quantizer = GumbelQuantizer(num_hiddens=4, embedding_dim=3, num_embeddings=5)
+    z = torch.randn(1, 4, 1, 1).expand(20_000, 4, 1, 1)
+    probs = quantizer.logits(z[:1]).flatten().softmax(0).detach()
+    with torch.no_grad():
+        ids = quantizer.sample_ids(z, sample=True, generator=torch.Generator().manual_seed(1))
+        freq = torch.bincount(ids.flatten(), minlength=5).double() / ids.numel()
+        assert torch.all(quantizer.sample_ids(z) == probs.argmax())
+    torch.testing.assert_close(freq, probs.double(), atol=0.015, rtol=0)
+
+
+def test_gumbel_softmax_takes_a_generator():
+    logits = torch.randn(2, 7, 3, 3)
+    a = gumbel_softmax(logits, 0.7, hard=False, generator=torch.Generator().manual_seed(5))
+    b = gumbel_softmax(logits, 0.7, hard=False, generator=torch.Generator().manual_seed(5))
+    c = gumbel_softmax(logits, 0.7, hard=False, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    torch.testing.assert_close(a.sum(1), torch.ones(2, 3, 3))
+
+
+def test_straight_through_forward_is_one_hot_and_backward_is_the_soft_gradient():
+    logits = torch.randn(3, 6, 2, 2, requires_grad=True)
+    upstream = torch.randn(3, 6, 2, 2)
+    hard = gumbel_softmax(logits, 0.5, hard=True, generator=torch.Generator().manual_seed(0))
+    assert set(hard.detach().unique().tolist()) <= {0.0, 1.0}
+    (hard * upstream).sum().backward()
+    hard_grad = logits.grad.clone()
+    logits.grad = None
+    soft = gumbel_softmax(logits, 0.5, hard=False, generator=torch.Generator().manual_seed(0))
+    (soft * upstream).sum().backward()
+    torch.testing.assert_close(hard_grad, logits.grad)
+    assert hard_grad.abs().sum() > 0
+
+
+def test_straight_through_gradients_reach_encoder_and_codebook():
+    model = tiny_model().train()
+    out = model(images(2), temperature=1.0, generator=torch.Generator().manual_seed(0))
+    (out["recon"].square().mean() + out["kl_loss"]).backward()
+    for name in ("encoder.conv_in.weight", "quant_conv.weight", "quantize.proj.weight", "quantize.embed.weight",
+                 "decoder.conv_out.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_kl_matches_brute_force_kl_to_uniform():
+    torch.manual_seed(0)
+    quantizer = GumbelQuantizer(num_hiddens=4, embedding_dim=3, num_embeddings=6, kl_weight=0.25).eval()
+    z = torch.randn(2, 4, 3, 3)
+    out = quantizer(z)
+    logits = quantizer.logits(z).detach().double()
+    expected, count = 0.0, 0
+    for b in range(2):
+        for i in range(3):
+            for j in range(3):
+                q = logits[b, :, i, j].softmax(0)
+                expected += sum(float(p) * math.log(float(p) * 6) for p in q)
+                count += 1
+    assert out["kl"].item() == pytest.approx(expected / count, rel=1e-5)
+    assert out["kl_loss"].item() == pytest.approx(0.25 * expected / count, rel=1e-5)
+
+
+def test_temperature_annealing_schedules():
+    exponential = TemperatureSchedule(start=1.0, end=1 / 16, steps=100)
+    assert temperature_at(0, exponential) == pytest.approx(1.0)
+    assert temperature_at(50, exponential) == pytest.approx(0.25)  # geometric midpoint of 1 and 1/16
+    assert temperature_at(100, exponential) == pytest.approx(1 / 16)
+    assert temperature_at(10_000, exponential) == pytest.approx(1 / 16)
+    values = [temperature_at(s, exponential) for s in range(0, 101, 10)]
+    assert all(a > b for a, b in zip(values, values[1:]))
+    linear = TemperatureSchedule(start=0.9, end=0.1, steps=8, decay="linear")
+    assert temperature_at(2, linear) == pytest.approx(0.7)
+    cosine = TemperatureSchedule(start=0.9, end=0.1, steps=8, decay=TemperatureDecay.COSINE)
+    assert temperature_at(4, cosine) == pytest.approx(0.5)
+    assert temperature_at(2, cosine) == pytest.approx(0.1 + 0.4 * (1 + math.cos(math.pi / 4)))
+    assert temperature_at(77, TemperatureSchedule(start=0.7, decay="constant")) == 0.7
+    with pytest.raises(ValueError, match="positive"):
+        TemperatureSchedule(start=1.0, end=0.0)
+    with pytest.raises(ValueError):
+        TemperatureSchedule(decay="quadratic")
+    with pytest.raises(ValueError, match="step"):
+        temperature_at(-1, exponential)
+
+
+def test_temperature_changes_the_training_sample():
+    quantizer = GumbelQuantizer(num_hiddens=4, embedding_dim=3, num_embeddings=8, straight_through=False).train()
+    z = torch.randn(1, 4, 4, 4)
+    hot = quantizer(z, temperature=10.0, generator=torch.Generator().manual_seed(0))
+    cold = quantizer(z, temperature=0.05, generator=torch.Generator().manual_seed(0))
+    def distance_to_chosen_code(out):
+        return (out["z_q"].detach() - quantizer.embed_ids(out["tokens"])).abs().mean()
+
+    # a cold soft sample is nearly the chosen code's embedding; a hot one is a blend of all codes
+    assert distance_to_chosen_code(cold) < 0.1 * distance_to_chosen_code(hot)
+
+
+@pytest.fixture(scope="module")
+def usage():
+    model = tiny_model()
+    batches = [images(2, seed=s) for s in range(3)]
+    counts = model.codebook_usage(batches, progress=False)
+    return model, batches, counts
+
+
+def test_codebook_usage_counts_every_token(usage):
+    model, batches, counts = usage
+    assert counts.shape == (512,) and counts.dtype == torch.int64
+    expected = sum(torch.bincount(model.encode(b).flatten(), minlength=512) for b in batches)
+    assert torch.equal(counts, expected)
+    as_dicts = model.codebook_usage([{"image": b, "caption": "x"} for b in batches], progress=False)
+    as_tuples = model.codebook_usage([(b, 0) for b in batches], progress=False)
+    assert torch.equal(as_dicts, counts) and torch.equal(as_tuples, counts)
+
+
+def test_trimming_round_trip(usage):
+    model, batches, counts = usage
+    trimmed = model.trim(counts)
+    kept = torch.nonzero(counts).flatten()
+    assert 1 < trimmed.num_embeddings == kept.numel() < 512
+    assert trimmed.codebook_size == 512
+    assert torch.equal(trimmed.code_map, kept)
+    for x in batches:
+        full = model.encode(x)
+        ids = trimmed.encode(x)
+        assert ids.max() < trimmed.num_embeddings
+        assert torch.equal(kept[ids], full)  # trimmed id i is full code kept[i]
+        with torch.no_grad():
+            torch.testing.assert_close(trimmed.decode(ids), model.decode(full), rtol=0, atol=0)
+    # sampling only ever returns kept codes
+    sampled = trimmed.encode(batches[0], sample=True, generator=torch.Generator().manual_seed(0))
+    assert sampled.max() < trimmed.num_embeddings
+    # the usage of a trimmed model is reported over full codes, so it can be trimmed again
+    assert torch.equal(trimmed.codebook_usage(batches, progress=False), counts)
+
+
+def test_trimmed_tokenizer_saves_and_loads_its_mapping(usage):
+    model, batches, counts = usage
+    trimmed = model.trim(counts, min_count=2)
+    assert torch.equal(trimmed.code_map, torch.nonzero(counts >= 2).flatten())
+    state = trimmed.state_dict()
+    assert state["code_map"].dtype == torch.int64
+    reloaded = GumbelVQVAE.from_config(trimmed.config)
+    reloaded.load_state_dict(state)
+    reloaded.eval()
+    assert reloaded.num_embeddings == trimmed.num_embeddings
+    assert torch.equal(reloaded.encode(batches[1]), trimmed.encode(batches[1]))
+
+
+def test_keep_codes_matches_released_style_maps_and_checks_subsets():
+    model = tiny_model()
+    trimmed = model.keep_codes(torch.tensor([0, 3, 9, 10]))
+    tokens = torch.tensor([[[0, 1], [2, 3]]])
+    with torch.no_grad():
+        torch.testing.assert_close(trimmed.decode(tokens), model.decode(torch.tensor([[[0, 3], [9, 10]]])))
+        assert trimmed.encode(images(1)).max() <= 3
+    with pytest.raises(ValueError, match="subset"):
+        trimmed.keep_codes(torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="distinct"):
+        model.keep_codes(torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="no code"):
+        model.trim(torch.zeros(512, dtype=torch.long))
+    with pytest.raises(ValueError, match="counts must have shape"):
+        model.trim(torch.ones(10, dtype=torch.long))
+
+
+def test_bad_input_raises_clear_errors():
+    model = tiny_model()
+    trimmed = model.keep_codes(torch.arange(10))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 10\)"):
+        trimmed.decode(torch.full((1, 2, 2), 10))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 512\)"):
+        model.decode(torch.full((1, 2, 2), -1))
+    with pytest.raises(ValueError, match="integer"):
+        model.decode(torch.zeros(1, 2, 2))
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        model.encode(torch.zeros(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="divisible"):
+        model.encode(torch.zeros(1, 3, 15, 16))
+    with pytest.raises(ValueError, match="unknown GumbelVQVAE config keys: \\['n_embed'\\]"):
+        GumbelVQVAE.from_config({**TINY, "n_embed": 3})
+    with pytest.raises(ValueError, match="norm_groups"):
+        GumbelVQVAE.from_config({**TINY, "ch": 20})

@@ -1,0 +1,445 @@
+"""Gumbel-softmax VQ-VAE image tokenizer (the taming-transformers "Gumbel f8" VQGAN that VQ-Diffusion uses).
+
+Parameter names follow taming-transformers one-to-one (`encoder.down.{i}.block.{j}.conv1`, `decoder.up.{i}.attn.{j}.q`,
+`quantize.proj`, `quantize.embed`, `quant_conv`, `post_quant_conv`), so released weights load by name
+(see vqdiff/interop/taming.py). A trimmed tokenizer adds one int64 buffer `code_map` [K'] (trimmed id -> full code).
+"""
+
+import enum
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+# The published Gumbel f8 architecture (taming configs, VQ-Diffusion COCO/CUB/CC): 256 px -> 32x32 tokens.
+GUMBEL_F8_CONFIG = dict(
+    resolution=256, in_channels=3, out_channels=3, ch=128, ch_mult=[1, 1, 2, 4], num_res_blocks=2,
+    attn_resolutions=[32], z_channels=256, dropout=0.0, norm_groups=32, embedding_dim=256,
+    num_embeddings=8192, straight_through=True, kl_weight=1e-8, temperature=1.0, num_kept_codes=None,
+)
+
+
+def normalize(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm -> swish -> conv, twice, plus a (1x1 when the width changes) shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = normalize(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = normalize(out_channels, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return shortcut + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all positions, with 1x1 convs as projections (taming's AttnBlock)."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = normalize(channels, groups)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, height, width = x.shape
+        h = self.norm(x)
+        q, k, v = (conv(h).reshape(b, 1, c, height * width).transpose(2, 3) for conv in (self.q, self.k, self.v))
+        h = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C], softmax(q k^T / sqrt(C)) v
+        return x + self.proj_out(h.transpose(2, 3).reshape(b, c, height, width))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # taming pads right/bottom only, so H -> H/2 exactly
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """The residual blocks of one resolution, each followed by attention at attention resolutions, then an
+    optional down- or upsampling (taming's `down.{i}` / `up.{i}`)."""
+
+    def __init__(self, blocks: list[nn.Module], attns: list[nn.Module],
+                 downsample: nn.Module | None = None, upsample: nn.Module | None = None):
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.attn = nn.ModuleList(attns)
+        self.downsample = downsample
+        self.upsample = upsample
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.block):
+            h = block(h)
+            if len(self.attn):
+                h = self.attn[i](h)
+        if self.downsample is not None:
+            h = self.downsample(h)
+        if self.upsample is not None:
+            h = self.upsample(h)
+        return h
+
+
+class Middle(nn.Module):
+    def __init__(self, channels: int, dropout: float, groups: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, dropout, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, dropout, groups)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(h)))
+
+
+class Encoder(nn.Module):
+    """Images [B, in_channels, H, W] -> features [B, z_channels, H/f, W/f], f = 2^(len(ch_mult)-1)."""
+
+    def __init__(self, *, in_channels: int, ch: int, ch_mult: Sequence[int], num_res_blocks: int,
+                 attn_resolutions: Sequence[int], z_channels: int, dropout: float, resolution: int, norm_groups: int):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        block_in, res = ch, resolution
+        for i, mult in enumerate(ch_mult):
+            block_out = ch * mult
+            blocks, attns = [], []
+            for _ in range(num_res_blocks):
+                blocks.append(ResnetBlock(block_in, block_out, dropout, norm_groups))
+                block_in = block_out
+                if res in attn_resolutions:
+                    attns.append(AttnBlock(block_in, norm_groups))
+            last = i == len(ch_mult) - 1
+            self.down.append(Level(blocks, attns, downsample=None if last else Downsample(block_in)))
+            res = res if last else res // 2
+        self.mid = Middle(block_in, dropout, norm_groups)
+        self.norm_out = normalize(block_in, norm_groups)
+        self.conv_out = nn.Conv2d(block_in, z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latents [B, z_channels, h, w] -> images [B, out_channels, h*f, w*f] (unclamped).
+
+    `up` is indexed by resolution level like the encoder (up.0 = full resolution) although it runs from the
+    last level to the first, as in taming."""
+
+    def __init__(self, *, out_channels: int, ch: int, ch_mult: Sequence[int], num_res_blocks: int,
+                 attn_resolutions: Sequence[int], z_channels: int, dropout: float, resolution: int, norm_groups: int):
+        super().__init__()
+        block_in = ch * ch_mult[-1]
+        res = resolution // 2 ** (len(ch_mult) - 1)
+        self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
+        self.mid = Middle(block_in, dropout, norm_groups)
+        levels = []
+        for i in reversed(range(len(ch_mult))):
+            block_out = ch * ch_mult[i]
+            blocks, attns = [], []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(ResnetBlock(block_in, block_out, dropout, norm_groups))
+                block_in = block_out
+                if res in attn_resolutions:
+                    attns.append(AttnBlock(block_in, norm_groups))
+            levels.insert(0, Level(blocks, attns, upsample=Upsample(block_in) if i else None))
+            res = res * 2 if i else res
+        self.up = nn.ModuleList(levels)
+        self.norm_out = normalize(block_in, norm_groups)
+        self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def gumbel_noise(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gumbel(0, 1) draws, -log(E) with E ~ Exp(1), shaped like `like`."""
+    exponential = torch.empty_like(like).exponential_(generator=generator)
+    return -exponential.clamp_min(torch.finfo(like.dtype).tiny).log()
+
+
+def gumbel_softmax(logits: torch.Tensor, temperature: float, hard: bool, dim: int = 1,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """softmax((logits + g) / tau) with g ~ Gumbel(0, 1) (Jang et al. 2017); `hard` gives the one-hot of its argmax
+    with the soft sample's gradient (straight-through)."""
+    soft = ((logits + gumbel_noise(logits, generator)) / temperature).softmax(dim)
+    if not hard:
+        return soft
+    one_hot = torch.zeros_like(soft).scatter_(dim, soft.argmax(dim, keepdim=True), 1.0)
+    return one_hot - soft.detach() + soft
+
+
+class GumbelQuantizer(nn.Module):
+    """Code logits from a 1x1 conv, a Gumbel-softmax sample over the codebook, and its embedding (taming's
+    GumbelQuantize). `kl` is KL(softmax(logits) || uniform) per position, averaged; `kl_loss` = kl_weight * kl.
+
+    Every method takes an optional `code_map` [K'] of kept full codes: logits and codebook are then restricted to
+    those codes and the ids they return or take are positions in `code_map`."""
+
+    def __init__(self, num_hiddens: int, embedding_dim: int, num_embeddings: int, straight_through: bool = True,
+                 kl_weight: float = 5e-4, temperature: float = 1.0):
+        super().__init__()
+        if num_embeddings < 2:
+            raise ValueError(f"num_embeddings must be at least 2, got {num_embeddings}")
+        self.num_embeddings = num_embeddings
+        self.straight_through = straight_through
+        self.kl_weight = kl_weight
+        self.temperature = temperature
+        self.proj = nn.Conv2d(num_hiddens, num_embeddings, 1)
+        self.embed = nn.Embedding(num_embeddings, embedding_dim)
+
+    def logits(self, z: torch.Tensor, code_map: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.proj(z)  # [B, K, h, w]
+        return logits if code_map is None else logits.index_select(1, code_map)
+
+    def codebook(self, code_map: torch.Tensor | None = None) -> torch.Tensor:
+        return self.embed.weight if code_map is None else self.embed.weight.index_select(0, code_map)  # [K', D]
+
+    def forward(self, z: torch.Tensor, temperature: float | None = None, code_map: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Training: a Gumbel-softmax sample (hard with straight_through). Eval: the one-hot argmax, no noise."""
+        logits = self.logits(z, code_map)
+        if self.training:
+            tau = self.temperature if temperature is None else temperature
+            one_hot = gumbel_softmax(logits, tau, hard=self.straight_through, generator=generator)
+        else:
+            one_hot = torch.zeros_like(logits).scatter_(1, logits.argmax(1, keepdim=True), 1.0)
+        z_q = torch.einsum("bnhw,nd->bdhw", one_hot, self.codebook(code_map))
+        log_q = logits.float().log_softmax(1)
+        # KL(q || U(K')) = sum_k q_k (log q_k + log K'), the Gumbel VQ prior term
+        kl = (log_q.exp() * (log_q + math.log(logits.shape[1]))).sum(1).mean()
+        return dict(z_q=z_q, logits=logits, kl=kl, kl_loss=self.kl_weight * kl, tokens=one_hot.argmax(1))
+
+    def sample_ids(self, z: torch.Tensor, sample: bool = False, code_map: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+        """The argmax code per position, or with `sample` a draw from softmax(logits) (the released VQ-Diffusion
+        encoder, which applies Gumbel noise even at inference)."""
+        logits = self.logits(z, code_map).float()
+        if sample:
+            logits = logits + gumbel_noise(logits, generator)  # Gumbel-max: argmax ~ Categorical(softmax(logits))
+        return logits.argmax(1)  # [B, h, w]
+
+    def embed_ids(self, ids: torch.Tensor, code_map: torch.Tensor | None = None) -> torch.Tensor:
+        codes = ids if code_map is None else code_map[ids]
+        return self.embed(codes).permute(0, 3, 1, 2)  # [B, D, h, w]
+
+
+class TemperatureDecay(str, enum.Enum):
+    CONSTANT = "constant"
+    LINEAR = "linear"
+    EXPONENTIAL = "exponential"
+    COSINE = "cosine"
+
+
+@dataclass
+class TemperatureSchedule:
+    """Gumbel temperature from `start` at step 0 to `end` at `steps`, then constant. The exponential schedule is
+    DALL-E's (1 -> 1/16); cosine is taming's LambdaWarmUpCosineScheduler without warm-up."""
+
+    start: float = 1.0
+    end: float = 1.0 / 16
+    steps: int = 100_000
+    decay: TemperatureDecay = TemperatureDecay.EXPONENTIAL
+
+    def __post_init__(self):
+        self.decay = TemperatureDecay(self.decay)
+        if self.start <= 0 or self.end <= 0:
+            raise ValueError(f"temperatures must be positive, got start={self.start}, end={self.end}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+
+
+def temperature_at(step: int, schedule: TemperatureSchedule) -> float:
+    """The Gumbel-softmax temperature at a training step."""
+    if step < 0:
+        raise ValueError(f"step must be non-negative, got {step}")
+    progress = min(step / schedule.steps, 1.0)
+    start, end = schedule.start, schedule.end
+    if schedule.decay is TemperatureDecay.CONSTANT:
+        return start
+    if schedule.decay is TemperatureDecay.LINEAR:
+        return start + (end - start) * progress
+    if schedule.decay is TemperatureDecay.EXPONENTIAL:
+        return start * (end / start) ** progress
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * progress))
+
+
+def batch_images(batch, key: str) -> torch.Tensor:
+    if isinstance(batch, Mapping):
+        return batch[key]
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    return batch
+
+
+class GumbelVQVAE(nn.Module):
+    """Encoder -> quant_conv -> GumbelQuantizer -> post_quant_conv -> Decoder.
+
+    Images are float [B, 3, H, W] in [-1, 1] with H, W divisible by `downsample_factor`; tokens are int64 [B, h, w]
+    in [0, num_embeddings). `trim` gives a tokenizer over the used codes only (`num_kept_codes` in the config)."""
+
+    def __init__(self, *, resolution: int = 256, in_channels: int = 3, out_channels: int = 3, ch: int = 128,
+                 ch_mult: Sequence[int] = (1, 1, 2, 4), num_res_blocks: int = 2,
+                 attn_resolutions: Sequence[int] = (32,),
+                 z_channels: int = 256, dropout: float = 0.0, norm_groups: int = 32, embedding_dim: int = 256,
+                 num_embeddings: int = 8192, straight_through: bool = True, kl_weight: float = 1e-8,
+                 temperature: float = 1.0, num_kept_codes: int | None = None):
+        super().__init__()
+        self.config = dict(
+            resolution=resolution, in_channels=in_channels, out_channels=out_channels, ch=ch, ch_mult=list(ch_mult),
+            num_res_blocks=num_res_blocks, attn_resolutions=list(attn_resolutions), z_channels=z_channels,
+            dropout=dropout, norm_groups=norm_groups, embedding_dim=embedding_dim, num_embeddings=num_embeddings,
+            straight_through=straight_through, kl_weight=kl_weight, temperature=temperature,
+            num_kept_codes=num_kept_codes,
+        )
+        for width in [ch * m for m in ch_mult]:
+            if width % norm_groups:
+                raise ValueError(f"channel width {width} (ch * ch_mult) is not divisible by norm_groups={norm_groups}")
+        levels = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions,
+                      z_channels=z_channels, dropout=dropout, resolution=resolution, norm_groups=norm_groups)
+        self.encoder = Encoder(in_channels=in_channels, **levels)
+        self.decoder = Decoder(out_channels=out_channels, **levels)
+        self.quant_conv = nn.Conv2d(z_channels, z_channels, 1)
+        self.quantize = GumbelQuantizer(z_channels, embedding_dim, num_embeddings, straight_through, kl_weight,
+                                        temperature)
+        self.post_quant_conv = nn.Conv2d(embedding_dim, z_channels, 1)
+        if num_kept_codes is not None:
+            if not 1 <= num_kept_codes <= num_embeddings:
+                raise ValueError(f"num_kept_codes must lie in [1, {num_embeddings}], got {num_kept_codes}")
+            self.register_buffer("code_map", torch.arange(num_kept_codes))
+        else:
+            self.code_map = None
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> "GumbelVQVAE":
+        unknown = sorted(set(config) - set(GUMBEL_F8_CONFIG))
+        if unknown:
+            raise ValueError(f"unknown GumbelVQVAE config keys: {unknown}")
+        return cls(**config)
+
+    @property
+    def num_embeddings(self) -> int:
+        """The number of token ids: K' after trimming, else the full codebook size."""
+        return self.quantize.num_embeddings if self.code_map is None else self.code_map.numel()
+
+    @property
+    def codebook_size(self) -> int:
+        """The full codebook size K (before trimming)."""
+        return self.quantize.num_embeddings
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.config["ch_mult"]) - 1)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's output weight, where the adaptive GAN weight compares gradient norms."""
+        return self.decoder.conv_out.weight
+
+    def check_images(self, images: torch.Tensor) -> None:
+        if images.dim() != 4 or images.shape[1] != self.config["in_channels"]:
+            raise ValueError(f"images must be [B, {self.config['in_channels']}, H, W], got {list(images.shape)}")
+        f = self.downsample_factor
+        if images.shape[2] % f or images.shape[3] % f:
+            raise ValueError(f"image size {list(images.shape[2:])} is not divisible by the downsample factor {f}")
+
+    def forward(self, images: torch.Tensor, temperature: float | None = None,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Training pass: dict(recon [B, C, H, W] unclamped, logits [B, K', h, w], kl, kl_loss, tokens [B, h, w])."""
+        self.check_images(images)
+        z = self.quant_conv(self.encoder(images))
+        out = self.quantize(z, temperature, self.code_map, generator)
+        recon = self.decoder(self.post_quant_conv(out.pop("z_q")))
+        return dict(recon=recon, **out)
+
+    def encode(self, images: torch.Tensor, sample: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] -> token ids [B, H/f, W/f] (int64): the argmax code, or a sample with `sample`."""
+        self.check_images(images)
+        z = self.quant_conv(self.encoder(images))
+        return self.quantize.sample_ids(z, sample, self.code_map, generator)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, h, w] -> images [B, C, h*f, w*f] clamped to [-1, 1]."""
+        if tokens.dim() != 3 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise ValueError(f"tokens must be an integer tensor [B, h, w], got {tokens.dtype} {list(tokens.shape)}")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.num_embeddings):
+            raise ValueError(f"token ids must lie in [0, {self.num_embeddings}), got values in "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+        z_q = self.quantize.embed_ids(tokens.long(), self.code_map)
+        return self.decoder(self.post_quant_conv(z_q)).clamp(-1, 1)
+
+    def full_codes(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids -> full codebook codes (the identity when untrimmed)."""
+        return tokens if self.code_map is None else self.code_map[tokens]
+
+    @torch.inference_mode()
+    def codebook_usage(self, batches: Iterable, key: str = "image", sample: bool = False,
+                       generator: torch.Generator | None = None, progress: bool = True) -> torch.Tensor:
+        """How often each full code is chosen over a dataloader or any iterable of image batches
+        (tensors, (images, ...) tuples or dicts holding `key`): int64 counts [codebook_size] on the CPU."""
+        device = next(self.parameters()).device
+        counts = torch.zeros(self.codebook_size, dtype=torch.long, device=device)
+        for batch in tqdm(batches, desc="codebook usage", disable=not progress):
+            tokens = self.encode(batch_images(batch, key).to(device), sample=sample, generator=generator)
+            counts += torch.bincount(self.full_codes(tokens).flatten(), minlength=self.codebook_size)
+        return counts.cpu()
+
+    def trim(self, counts: torch.Tensor, min_count: int = 1) -> "GumbelVQVAE":
+        """A tokenizer whose ids 0..K'-1 are the full codes used at least `min_count` times, in increasing order."""
+        if counts.shape != (self.codebook_size,):
+            raise ValueError(f"counts must have shape [{self.codebook_size}], got {list(counts.shape)}")
+        kept = torch.nonzero(counts.cpu() >= min_count).flatten()
+        if kept.numel() == 0:
+            raise ValueError(f"no code is used at least min_count={min_count} times")
+        return self.keep_codes(kept)
+
+    def keep_codes(self, codes: torch.Tensor) -> "GumbelVQVAE":
+        """A tokenizer whose token id i is full code `codes[i]` (distinct codes in [0, codebook_size))."""
+        codes = torch.as_tensor(codes, dtype=torch.long).flatten().cpu()
+        if codes.numel() == 0 or codes.unique().numel() != codes.numel():
+            raise ValueError("codes must be a non-empty list of distinct full codes")
+        if codes.min() < 0 or codes.max() >= self.codebook_size:
+            raise ValueError(f"codes must lie in [0, {self.codebook_size}), "
+                             f"got [{int(codes.min())}, {int(codes.max())}]")
+        if self.code_map is not None and not torch.isin(codes, self.code_map.cpu()).all():
+            raise ValueError("codes must be a subset of this trimmed tokenizer's kept codes")
+        weight = self.quant_conv.weight
+        trimmed = GumbelVQVAE.from_config({**self.config, "num_kept_codes": codes.numel()})
+        state = {k: v for k, v in self.state_dict().items() if k != "code_map"}
+        state["code_map"] = codes
+        trimmed.load_state_dict(state)
+        return trimmed.to(device=weight.device, dtype=weight.dtype).train(self.training)
