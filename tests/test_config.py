@@ -29,6 +29,7 @@ def test_int_is_accepted_for_float(tmp_path):
     ("trian:\n  lr: 0.1\n", "unknown key(s) 'trian'"),
     ("train:\n  max_steps: ten\n", "train.max_steps: expected int"),
     ("train:\n  max_steps: 1.5\n", "train.max_steps: expected int"),
+    ("train:\n  lr: fast\n", "train.lr: expected float"),
     ("model: gan\n", "model: 'gan' is not one of"),
     ("unet:\n  ch_mult: 3\n", "unet.ch_mult: expected a list"),
     ("- 1\n- 2\n", "top level must be a mapping"),
@@ -52,3 +53,8 @@ def test_save_and_reload_round_trip(tmp_path):
     save_config(cfg, tmp_path / "saved.yaml")
     again = load_config(tmp_path / "saved.yaml")
     assert to_dict(again) == to_dict(cfg)
+
+
+def test_exponent_without_dot_is_a_float(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  lr: 2e-4\n"), ["train.weight_decay=1e-2"])
+    assert cfg.train.lr == 2e-4 and cfg.train.weight_decay == 1e-2

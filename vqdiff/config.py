@@ -47,6 +47,7 @@ class DataConfig:
     hflip: bool = False
     batch_size: int = 64
     num_workers: int = 0
+    tokens: str | None = None        # token cache from scripts/encode_tokens.py (VQ-Diffusion training)
 
 
 @dataclass
@@ -98,6 +99,42 @@ class TokenizerConfig:
 
 
 @dataclass
+class TextEncoderConfig:
+    backend: str = "open_clip"       # open_clip | hf
+    arch: str = "clip-text-small"    # an open_clip model name (ViT-B-32, ...) or clip-text-small
+    weights: str = "none"            # local weights file / HF directory; "none" = random init
+    context_length: int = 77
+    normalize: bool = True           # L2-normalise each token's features, as VQ-Diffusion
+    trainable: bool = False          # train jointly (the embedded configs: no pretrained CLIP offline)
+
+
+@dataclass
+class TransformerConfig:
+    preset: str | None = None        # S | B | F | L: sets num_layers, width, num_heads
+    num_layers: int = 4
+    width: int = 256
+    num_heads: int = 8
+    time_embedding: str = "table"    # table (learned per step, as released) | sinusoidal
+    mlp_activation: str = "gelu"     # gelu | quick_gelu (released)
+    mlp_ratio: float = 4.0
+    mask_text_padding: bool = True   # released models attend to all 77 positions (False)
+    null_text_embedding: bool = True  # learned unconditional text for classifier-free guidance
+    text_drop_prob: float = 0.1      # caption dropped for the null embedding in training
+    dropout: float = 0.0
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DiscreteDiffusionConfig:
+    num_timesteps: int = 100
+    schedule: str = "released"       # released | paper | absorbing
+    aux_weight: float = 5.0e-4
+    adaptive_aux_weight: bool = True
+    mask_weight: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    time_sampler: str = "importance"  # importance | uniform
+
+
+@dataclass
 class GaussianDiffusionConfig:
     num_timesteps: int = 1000
     beta_schedule: str = "linear"    # linear | cosine | quadratic | sigmoid
@@ -131,10 +168,13 @@ class TrainConfig:
 @dataclass
 class SampleConfig:
     steps: int | None = None         # None: every training step
-    sampler: str = "ddpm"            # ddpm | ddim (Gaussian)
-    eta: float = 0.0
     guidance_scale: float = 1.0
-    clip_denoised: bool = True
+    sampler: str = "ddpm"            # Gaussian: ddpm | ddim
+    eta: float = 0.0                 # Gaussian DDIM
+    clip_denoised: bool = True       # Gaussian
+    truncation_rate: float = 1.0     # discrete: keep this much of p(x0|x_t) per token
+    temperature: float = 1.0         # discrete
+    strategy: str = "ancestral"      # discrete: ancestral | purity
 
 
 @dataclass
@@ -147,6 +187,9 @@ class ExperimentConfig:
     format_version: int = FORMAT_VERSION
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    discrete: DiscreteDiffusionConfig = field(default_factory=DiscreteDiffusionConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     mlp: MLPConfig = field(default_factory=MLPConfig)
     gaussian: GaussianDiffusionConfig = field(default_factory=GaussianDiffusionConfig)
@@ -234,6 +277,11 @@ def _convert(hint, value, key: str):
             raise ConfigError(f"{key}: {value!r} is not one of {[m.value for m in hint]}") from None
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, str, bool) and type(value) is hint:
         return value
     raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r} "

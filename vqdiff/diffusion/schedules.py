@@ -25,6 +25,9 @@ def beta_schedule(name: "BetaSchedule | str", num_timesteps: int, beta_start: fl
     T = num_timesteps
     if name is BetaSchedule.LINEAR:
         scale = 1000.0 / T
+        if scale * beta_end >= 1:
+            raise ValueError(f"linear beta schedule with T={T}: beta_end scaled by 1000/T is {scale * beta_end:g} "
+                             ">= 1; use more timesteps or the cosine schedule")
         return torch.linspace(scale * beta_start, scale * beta_end, T, dtype=torch.float64)
     if name is BetaSchedule.QUADRATIC:
         return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
@@ -73,22 +76,38 @@ MASK_AND_REPLACE_PRESETS = {
 def mask_and_replace_schedule(num_timesteps: int, num_classes: int, att_1: float = 0.99999,
                               att_T: float = 0.000009, ctt_1: float = 0.000009,
                               ctt_T: float = 0.99999) -> MaskAndReplaceSchedule:
-    """alpha_bar and gamma_bar linear in t from (att_1, ctt_1) to (att_T, ctt_T), as the released code."""
+    """alpha_bar and gamma_bar linear in t from (att_1, ctt_1) to (att_T, ctt_T), as the released code.
+
+    beta_bar = (1 - alpha_bar - gamma_bar) / K; a total replace weight K * beta_bar below 1e-12 is float
+    rounding of alpha_bar + gamma_bar = 1 and is set to exactly 0, so an absorbing schedule stays absorbing.
+    The per-step tables compose back into the cumulative ones (Gu et al. 2022, eq. 5).
+    """
     T, K = num_timesteps, num_classes
+    if T < 1 or K < 2:
+        raise ValueError(f"mask_and_replace_schedule: need num_timesteps >= 1 and num_classes >= 2, got {T}, {K}")
+    if not all(0.0 <= v <= 1.0 for v in (att_1, att_T, ctt_1, ctt_T)):
+        raise ValueError("mask_and_replace_schedule: att_1, att_T, ctt_1, ctt_T must lie in [0, 1], got "
+                         f"{att_1}, {att_T}, {ctt_1}, {ctt_T}")
     ramp = torch.arange(T, dtype=torch.float64) / max(T - 1, 1)
     alpha_bar = att_1 + ramp * (att_T - att_1)
     gamma_bar = ctt_1 + ramp * (ctt_T - ctt_1)
+    beta_bar = (1 - alpha_bar - gamma_bar) / K
+    if (beta_bar < -1e-12).any():
+        raise ValueError("mask_and_replace_schedule: alpha_bar + gamma_bar exceeds 1; the replace weight "
+                         f"would be negative (att_1={att_1}, att_T={att_T}, ctt_1={ctt_1}, ctt_T={ctt_T})")
+    beta_bar = torch.where(K * beta_bar < 1e-12, 0.0, beta_bar)
     prev_alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+    prev_beta_bar = torch.cat([torch.zeros(1, dtype=torch.float64), beta_bar[:-1]])
     prev_gamma_bar = torch.cat([torch.zeros(1, dtype=torch.float64), gamma_bar[:-1]])
     alpha = alpha_bar / prev_alpha_bar
-    gamma = 1 - (1 - gamma_bar) / (1 - prev_gamma_bar)  # (1 - gamma_bar) is a product of (1 - gamma)
-    beta = (1 - alpha - gamma) / K
-    beta_bar = (1 - alpha_bar - gamma_bar) / K
-    if (beta < -1e-12).any() or (beta_bar < -1e-12).any():
-        raise ValueError("mask_and_replace_schedule: alpha + gamma exceeds 1; the replace weight beta "
-                         f"would be negative (att_1={att_1}, att_T={att_T}, ctt_1={ctt_1}, ctt_T={ctt_T})")
+    gamma = (gamma_bar - prev_gamma_bar) / (1 - prev_gamma_bar)  # (1 - gamma_bar) is a product of (1 - gamma)
+    # beta_bar_t = alpha_t beta_bar_{t-1} + beta_t (alpha_bar_{t-1} + K beta_bar_{t-1}): one step after t-1
+    beta = (beta_bar - alpha * prev_beta_bar) / (prev_alpha_bar + K * prev_beta_bar)
+    if (beta < -1e-12).any():
+        raise ValueError("mask_and_replace_schedule: beta_bar falls faster than alpha_bar; a per-step replace "
+                         f"weight would be negative (att_1={att_1}, att_T={att_T}, ctt_1={ctt_1}, ctt_T={ctt_T})")
     return MaskAndReplaceSchedule(alpha=alpha, beta=beta.clamp_min(0), gamma=gamma, alpha_bar=alpha_bar,
-                                  beta_bar=beta_bar.clamp_min(0), gamma_bar=gamma_bar, num_classes=K)
+                                  beta_bar=beta_bar, gamma_bar=gamma_bar, num_classes=K)
 
 
 def mask_and_replace_preset(name: str, num_timesteps: int, num_classes: int) -> MaskAndReplaceSchedule:

@@ -60,9 +60,9 @@ class ImportanceSampler(UniformSampler):
         return (self.loss_history ** 2).mean(dim=1)
 
     def probabilities(self) -> torch.Tensor:
-        if not self.warmed_up():
-            return super().probabilities()
         p = torch.sqrt(self.second_moment())
+        if not self.warmed_up() or not p.sum() > 0:  # all-zero losses carry no preference
+            return super().probabilities()
         p = p / p.sum()
         return p * (1 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
 

@@ -135,17 +135,22 @@ def read_state(checkpoint: Path) -> dict:
 
 
 def architecture_differences(saved, current, sections: tuple[str, ...]) -> list[str]:
-    """Dotted keys whose values differ between two configs, within the named sections."""
+    """Dotted keys whose values differ between two configs, within the named (dotted) sections."""
     a, b = to_dict(saved), to_dict(current)
     diffs = []
+
+    def lookup(tree, dotted):
+        for part in dotted.split("."):
+            tree = tree.get(part) if isinstance(tree, dict) else None
+        return tree
 
     def walk(x, y, prefix):
         if isinstance(x, dict) and isinstance(y, dict):
             for k in sorted(set(x) | set(y)):
-                walk(x.get(k), y.get(k), f"{prefix}.{k}" if prefix else k)
+                walk(x.get(k), y.get(k), f"{prefix}.{k}")
         elif x != y:
             diffs.append(f"{prefix}: checkpoint {x!r} vs config {y!r}")
 
     for section in sections:
-        walk(a.get(section), b.get(section), section)
+        walk(lookup(a, section), lookup(b, section), section)
     return diffs

@@ -42,6 +42,8 @@ class TrainTask:
     make_samples: Callable | None = None
     # config sections that must match for --resume / --init-from
     architecture_sections: tuple[str, ...] = ()
+    # the per-sample term whose second moment drives importance sampling (VQ-Diffusion: the VLB term "kl")
+    sampler_term: str = "loss"
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
@@ -152,7 +154,7 @@ def train(cfg: ExperimentConfig, task: TrainTask, dataset, resume: "str | None" 
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        task.time_sampler.update(t, per_sample.detach())
+        task.time_sampler.update(t, terms[task.sampler_term].detach().float())
         step += 1
         ema.update(raw_model, step)
         stats.add(t, per_sample.detach(), terms)

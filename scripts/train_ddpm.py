@@ -1,0 +1,10 @@
+"""Train a Gaussian DDPM: `accelerate launch scripts/train_ddpm.py --config configs/ddpm_scurve.yaml [key=value ...]`."""
+
+import sys
+
+from vqdiff.cli import _setup_logging, train_command
+from vqdiff.config import ModelType
+
+if __name__ == "__main__":
+    _setup_logging()
+    train_command(sys.argv[1:], expect=ModelType.DDPM)

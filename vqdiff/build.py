@@ -1,0 +1,225 @@
+"""The one place that turns a config into objects: networks, diffusion processes, data sets, tasks."""
+
+import torch
+from torch import nn
+
+from .config import ConfigError, ExperimentConfig, ModelType, Network
+from .diffusion.gaussian import GaussianDiffusion, LossType, MeanType, VarType
+from .diffusion.schedules import beta_schedule
+from .diffusion.timestep_sampler import ImportanceSampler, UniformSampler
+from .train.loop import TrainTask
+
+TIME_SAMPLERS = {"uniform": UniformSampler, "importance": ImportanceSampler}
+IMAGE_DATA = ("cifar10", "mnist", "image_folder", "shapes")
+VECTOR_DATA = ("toy2d",)
+
+
+def data_shape(cfg: ExperimentConfig) -> tuple[int, ...]:
+    """Shape of one training example: (C, H, W) for images, (2,) for toy points."""
+    name = cfg.data.name
+    if name in VECTOR_DATA:
+        return (2,)
+    if name == "mnist":
+        return (1, cfg.data.size, cfg.data.size)
+    if name in IMAGE_DATA:
+        return (3, cfg.data.size, cfg.data.size)
+    raise ConfigError(f"data.name: unknown data set {name!r}; choose one of {IMAGE_DATA + VECTOR_DATA}")
+
+
+def build_dataset(cfg: ExperimentConfig, split: str = "train"):
+    d = cfg.data
+    train = split == "train"
+    if d.name == "toy2d":
+        from .data.toy2d import Toy2D
+        return Toy2D(d.toy, num_samples=d.num_samples, seed=d.seed if train else d.seed + 1)
+    if d.name == "shapes":
+        from .data.shapes import ShapesDataset
+        return ShapesDataset(split=split, size=d.size, num_samples=d.num_samples, seed=d.seed,
+                             max_objects=d.max_objects, paraphrase=d.paraphrase and train)
+    if d.root is None:
+        raise ConfigError(f"data.root: the {d.name!r} data set needs a local folder (data.root=PATH)")
+    if d.name == "cifar10":
+        from .data.images import CIFAR10
+        return CIFAR10(d.root, train=train, classes=d.classes, flip=d.hflip and train)
+    if d.name == "mnist":
+        from .data.images import MNIST
+        return MNIST(d.root, train=train, classes=d.classes, pad_to=d.size if d.size != 28 else None,
+                     flip=d.hflip and train)
+    if d.name == "image_folder":
+        from .data.images import ImageFolder
+        return ImageFolder(d.root, size=d.size)
+    raise ConfigError(f"data.name: unknown data set {d.name!r}; choose one of {IMAGE_DATA + VECTOR_DATA}")
+
+
+def build_gaussian_diffusion(cfg: ExperimentConfig) -> GaussianDiffusion:
+    g = cfg.gaussian
+    betas = beta_schedule(g.beta_schedule, g.num_timesteps, g.beta_start, g.beta_end)
+    return GaussianDiffusion(betas, mean_type=MeanType(g.mean_type), var_type=VarType(g.var_type),
+                             loss_type=LossType(g.loss_type), discrete_data=cfg.data.name in IMAGE_DATA)
+
+
+def build_network(cfg: ExperimentConfig) -> nn.Module:
+    if cfg.model is ModelType.DDPM:
+        learn_sigma = VarType(cfg.gaussian.var_type) in (VarType.LEARNED, VarType.LEARNED_RANGE)
+        shape = data_shape(cfg)
+        if cfg.network is Network.MLP:
+            from .models.mlp import MLPDenoiser
+            if len(shape) != 1:
+                raise ConfigError("network: mlp needs vector data (data.name=toy2d); use unet for images")
+            return MLPDenoiser(data_dim=shape[0], hidden=cfg.mlp.hidden, num_layers=cfg.mlp.num_layers,
+                               out_dim=shape[0] * (2 if learn_sigma else 1))
+        if cfg.network is Network.UNET:
+            from .models.unet import UNet
+            if len(shape) != 3:
+                raise ConfigError("network: unet needs image data; use mlp for data.name=toy2d")
+            u = cfg.unet
+            return UNet(in_channels=shape[0], out_channels=shape[0], ch=u.ch, ch_mult=tuple(u.ch_mult),
+                        attn_resolutions=tuple(u.attn_resolutions), num_res_blocks=u.num_res_blocks,
+                        dropout=u.dropout, image_size=shape[1], learn_sigma=learn_sigma,
+                        num_classes=u.num_classes, num_heads=u.num_heads, resblock_updown=u.resblock_updown,
+                        use_scale_shift_norm=u.use_scale_shift_norm, grad_checkpointing=u.grad_checkpointing)
+    raise ConfigError(f"network: {cfg.network.value!r} does not go with model: {cfg.model.value!r}")
+
+
+def build_time_sampler(name: str, num_timesteps: int):
+    if name not in TIME_SAMPLERS:
+        raise ConfigError(f"time_sampler: {name!r} is not one of {sorted(TIME_SAMPLERS)}")
+    return TIME_SAMPLERS[name](num_timesteps)
+
+
+def ddpm_cond(cfg: ExperimentConfig, batch: dict) -> dict:
+    """Network keyword arguments from a batch: class labels for class-conditional UNets."""
+    if cfg.network is Network.UNET and cfg.unet.num_classes is not None:
+        return {"y": batch["label"]}
+    return {}
+
+
+def build_ddpm_task(cfg: ExperimentConfig) -> TrainTask:
+    from .pipeline import ddpm_preview
+    diffusion = build_gaussian_diffusion(cfg)
+    model = build_network(cfg)
+    data_key = "x" if cfg.data.name in VECTOR_DATA else "image"
+
+    def losses(model, batch, t, generator):
+        return diffusion.training_losses(model, batch[data_key], t, generator=generator, **ddpm_cond(cfg, batch))
+
+    return TrainTask(model=model, losses=losses,
+                     time_sampler=build_time_sampler(cfg.gaussian.time_sampler, diffusion.num_timesteps),
+                     num_timesteps=diffusion.num_timesteps,
+                     make_samples=lambda ema_model, generator: ddpm_preview(cfg, diffusion, ema_model, generator),
+                     architecture_sections=DDPM_ARCHITECTURE[cfg.network])
+
+
+DDPM_ARCHITECTURE = {Network.UNET: ("unet", "gaussian", "data.size"), Network.MLP: ("mlp", "gaussian")}
+
+
+def build_task(cfg: ExperimentConfig) -> TrainTask:
+    if cfg.model is ModelType.DDPM:
+        return build_ddpm_task(cfg)
+    if cfg.model is ModelType.VQ_DIFFUSION:
+        return build_vq_task(cfg)
+    raise ConfigError(f"model: {cfg.model.value!r} is trained by scripts/train_vqvae.py, not this trainer")
+
+
+# ---- VQ-Diffusion ---------------------------------------------------------------------------------
+
+VQ_ARCHITECTURE = ("transformer", "text", "discrete.num_timesteps", "tokenizer.path", "data.size")
+
+
+def build_text_encoder(cfg: ExperimentConfig):
+    from .models.text import CLIPTextEncoder
+    t = cfg.text
+    return CLIPTextEncoder(backend=t.backend, arch=t.arch, weights=t.weights, context_length=t.context_length,
+                           normalize=t.normalize, trainable=t.trainable)
+
+
+def transformer_kwargs(cfg: ExperimentConfig) -> dict:
+    from .models.transformer import TRANSFORMER_PRESETS
+    tc = cfg.transformer
+    size = dict(num_layers=tc.num_layers, width=tc.width, num_heads=tc.num_heads)
+    if tc.preset is not None:
+        if tc.preset not in TRANSFORMER_PRESETS:
+            raise ConfigError(f"transformer.preset: {tc.preset!r} is not one of {sorted(TRANSFORMER_PRESETS)}")
+        size = dict(TRANSFORMER_PRESETS[tc.preset])
+    return dict(size, num_steps=cfg.discrete.num_timesteps, time_embedding=tc.time_embedding,
+                mlp_activation=tc.mlp_activation, mlp_ratio=tc.mlp_ratio, mask_text_padding=tc.mask_text_padding,
+                null_text_embedding=tc.null_text_embedding, text_drop_prob=tc.text_drop_prob, dropout=tc.dropout,
+                gradient_checkpointing=tc.gradient_checkpointing)
+
+
+def build_vq_model(cfg: ExperimentConfig, num_classes: int, grid_size: tuple[int, int]):
+    """The trained part of a text-to-image model: DiffusionTransformer + its text encoder."""
+    from .models.conditioned import TextConditioned
+    from .models.transformer import DiffusionTransformer
+    text_encoder = build_text_encoder(cfg)
+    transformer = DiffusionTransformer(num_classes=num_classes, grid_size=grid_size, text_dim=text_encoder.dim,
+                                       text_length=cfg.text.context_length, **transformer_kwargs(cfg))
+    return TextConditioned(transformer, text_encoder)
+
+
+def build_discrete_diffusion(cfg: ExperimentConfig, num_classes: int):
+    from .diffusion.discrete import MaskAndReplaceDiffusion
+    d = cfg.discrete
+    return MaskAndReplaceDiffusion(num_classes, d.num_timesteps, schedule=d.schedule, aux_weight=d.aux_weight,
+                                   adaptive_aux_weight=d.adaptive_aux_weight, mask_weight=tuple(d.mask_weight),
+                                   time_sampler=build_time_sampler(d.time_sampler, d.num_timesteps))
+
+
+def load_configured_tokenizer(cfg: ExperimentConfig):
+    from .train.tokenizer_io import load_tokenizer
+    if cfg.tokenizer.path is None:
+        raise ConfigError("tokenizer.path: a VQ-Diffusion model needs a trained tokenizer directory "
+                          "(train one with scripts/train_vqvae.py; it writes <run>/tokenizer)")
+    return load_tokenizer(cfg.tokenizer.path)
+
+
+def token_grid(cfg: ExperimentConfig, tokenizer) -> tuple[int, int]:
+    side = cfg.data.size // tokenizer.downsample_factor
+    return (side, side)
+
+
+def build_vq_dataset(cfg: ExperimentConfig, split: str = "train"):
+    """The token cache when data.tokens is set (no image encoder per step), else the image data set."""
+    if cfg.data.tokens is None:
+        return build_dataset(cfg, split)
+    from .data.tokens import TokenDataset
+    return TokenDataset(cfg.data.tokens, seed=cfg.data.seed)
+
+
+def build_vq_task(cfg: ExperimentConfig) -> TrainTask:
+    from .pipeline import TextToImagePipeline
+    tokenizer = load_configured_tokenizer(cfg).eval().requires_grad_(False)
+    diffusion = build_discrete_diffusion(cfg, tokenizer.num_embeddings)
+    model = build_vq_model(cfg, tokenizer.num_embeddings, token_grid(cfg, tokenizer))
+
+    def losses(model, batch, t, generator):
+        if "tokens" in batch:
+            x0 = batch["tokens"]
+        else:
+            tokenizer.to(batch["image"].device)
+            with torch.no_grad():
+                x0 = tokenizer.encode(batch["image"]).flatten(1)  # [B, N]
+        return diffusion.training_losses(model, x0, t, generator=generator, captions=batch["caption"])
+
+    def preview(ema_model, generator):
+        return TextToImagePipeline(cfg, tokenizer, ema_model, diffusion).preview(generator)
+
+    return TrainTask(model=model, losses=losses, time_sampler=diffusion.time_sampler,
+                     num_timesteps=diffusion.num_timesteps, make_samples=preview,
+                     architecture_sections=VQ_ARCHITECTURE, sampler_term="kl")
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def parameter_counts(cfg: ExperimentConfig) -> dict[str, int]:
+    """Parameters per part of a config's networks, built on the meta device (instant, no memory)."""
+    with torch.device("meta"):
+        network = build_network(cfg)
+    return {cfg.network.value: count_parameters(network)}
+
+
+def seed_everything(seed: int) -> None:
+    """Entry points only (never library code): makes weight init reproducible."""
+    torch.manual_seed(seed)

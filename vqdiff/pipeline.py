@@ -1,0 +1,291 @@
+"""Trained models as objects a user can call: load a checkpoint, get samples and pictures."""
+
+import copy
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import build
+from .config import ExperimentConfig, ModelType
+from .images import make_grid, scatter, to_pil
+from .train.checkpoint import CheckpointError, load_into, load_weights, read_config, resolve_checkpoint
+
+
+def ddpm_sample_iter(cfg: ExperimentConfig, diffusion, model, n: int, generator=None, steps=None,
+                     sampler=None, eta=None, progress: bool = False):
+    """Yield the states of one Gaussian sampling run of n examples (dicts with "sample", "pred_xstart")."""
+    s = cfg.sample
+    return diffusion.sample_iter(model, (n, *build.data_shape(cfg)), steps=steps if steps is not None else s.steps,
+                                 sampler=sampler or s.sampler, eta=s.eta if eta is None else eta,
+                                 clip_denoised=s.clip_denoised and cfg.data.name in build.IMAGE_DATA,
+                                 generator=generator, progress=progress)
+
+
+def ddpm_sample(cfg, diffusion, model, n, generator=None, steps=None, sampler=None, eta=None,
+                progress=False) -> torch.Tensor:
+    state = None
+    for state in ddpm_sample_iter(cfg, diffusion, model, n, generator, steps, sampler, eta, progress):
+        pass
+    return state["sample"]
+
+
+def ddpm_picture(cfg: ExperimentConfig, samples: torch.Tensor) -> Image.Image:
+    """A grid of images, or a scatter plot (over the data in grey) for 2-D toy points."""
+    if samples.ndim == 2:
+        return scatter(samples, reference=build.build_dataset(cfg, split="val").points[:2000])
+    return make_grid([to_pil(x) for x in samples], scale=max(1, 64 // samples.shape[-1]))
+
+
+@torch.no_grad()
+def ddpm_preview(cfg: ExperimentConfig, diffusion, model, generator) -> Image.Image:
+    n = cfg.train.num_sample_images if cfg.data.name in build.IMAGE_DATA else 2000
+    return ddpm_picture(cfg, ddpm_sample(cfg, diffusion, model, n, generator))
+
+
+class DDPMPipeline:
+    """A trained Gaussian model: `DDPMPipeline.from_checkpoint(DIR)(n=16, steps=50, sampler="ddim")`."""
+
+    def __init__(self, cfg: ExperimentConfig, model, diffusion):
+        self.cfg, self.model, self.diffusion = cfg, model.eval(), diffusion
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu") -> "DDPMPipeline":
+        checkpoint = resolve_checkpoint(path)
+        cfg = read_config(checkpoint)
+        if cfg.model is not ModelType.DDPM:
+            raise CheckpointError(f"{checkpoint} holds a {cfg.model.value!r} model, not a Gaussian DDPM")
+        model = build.build_network(cfg)
+        load_into(model, load_weights(checkpoint / "ema.safetensors"), f"{checkpoint}/ema.safetensors")
+        return cls(cfg, model.to(device), build.build_gaussian_diffusion(cfg))
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def __call__(self, n: int = 16, steps=None, sampler=None, eta=None, seed: int | None = 0,
+                 progress: bool = True) -> torch.Tensor:
+        generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
+        return ddpm_sample(self.cfg, self.diffusion, self.model, n, generator, steps, sampler, eta, progress)
+
+    @torch.no_grad()
+    def progress_frames(self, n: int = 16, steps=None, sampler=None, eta=None, seed: int | None = 0,
+                        num_frames: int = 40, progress: bool = True) -> list[Image.Image]:
+        """Pictures of the denoising run (about num_frames of them, the last one the result)."""
+        generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
+        states = [s["sample"] for s in ddpm_sample_iter(self.cfg, self.diffusion, self.model, n, generator,
+                                                        steps, sampler, eta, progress)]
+        stride = max(1, len(states) // num_frames)
+        keep = states[::stride][:-1] + [states[-1]]
+        return [ddpm_picture(self.cfg, s.clamp(-1, 1) if s.ndim == 4 else s) for s in keep]
+
+
+def save_picture(image: Image.Image, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+# ---- text to image (VQ-Diffusion) ------------------------------------------------------------------
+
+PIPELINE_FILES = ("config.yaml", "transformer.safetensors", "text_encoder.safetensors", "tokenizer")
+
+
+class TextToImagePipeline:
+    """Prompts -> PIL images with a trained VQ-Diffusion model.
+
+        pipe = TextToImagePipeline.from_pretrained("runs/shapes/pipeline")
+        images = pipe(["a large red circle at the top left"], steps=25, guidance_scale=3.0)
+
+    Holds the tokenizer (VQ-VAE), the text encoder + DiffusionTransformer (`model`, a TextConditioned)
+    and the mask-and-replace diffusion. Defaults for every sampling option come from `cfg.sample`.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, tokenizer, model, diffusion):
+        self.cfg, self.tokenizer, self.model, self.diffusion = cfg, tokenizer.eval(), model.eval(), diffusion
+        self.grid = build.token_grid(cfg, tokenizer)
+        _check_parts_fit(tokenizer, model.network, self.grid, model.text_encoder.dim)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def to(self, device) -> "TextToImagePipeline":
+        self.tokenizer.to(device)
+        self.model.to(device)
+        return self
+
+    # ---- loading and saving ----------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu") -> "TextToImagePipeline":
+        """A directory written by save_pretrained, or a training run / checkpoint (its EMA weights)."""
+        path = Path(path)
+        if (path / "transformer.safetensors").is_file():
+            return cls._from_pipeline_dir(path).to(device)
+        if (path / "pipeline" / "transformer.safetensors").is_file():
+            return cls._from_pipeline_dir(path / "pipeline").to(device)
+        checkpoint = resolve_checkpoint(path)
+        cfg = read_config(checkpoint)
+        if cfg.model is not ModelType.VQ_DIFFUSION:
+            raise CheckpointError(f"{checkpoint} holds a {cfg.model.value!r} model, not VQ-Diffusion")
+        tokenizer = build.load_configured_tokenizer(cfg)
+        model = build.build_vq_model(cfg, tokenizer.num_embeddings, build.token_grid(cfg, tokenizer))
+        load_into(model, load_weights(checkpoint / "ema.safetensors"), f"{checkpoint}/ema.safetensors")
+        return cls(cfg, tokenizer, model, build.build_discrete_diffusion(cfg, tokenizer.num_embeddings)).to(device)
+
+    @classmethod
+    def _from_pipeline_dir(cls, path: Path) -> "TextToImagePipeline":
+        from .train.tokenizer_io import load_tokenizer
+        missing = [name for name in PIPELINE_FILES if not (path / name).exists()]
+        if missing:
+            raise CheckpointError(f"{path} is not a complete pipeline directory: missing {', '.join(missing)}")
+        cfg = read_config(path)
+        tokenizer = load_tokenizer(path / "tokenizer")
+        model = build.build_vq_model(cfg, tokenizer.num_embeddings, build.token_grid(cfg, tokenizer))
+        load_into(model.network, load_weights(path / "transformer.safetensors"), f"{path}/transformer.safetensors")
+        load_into(model.text_encoder, load_weights(path / "text_encoder.safetensors"),
+                  f"{path}/text_encoder.safetensors")
+        return cls(cfg, tokenizer, model, build.build_discrete_diffusion(cfg, tokenizer.num_embeddings))
+
+    def save_pretrained(self, path) -> Path:
+        """config.yaml, tokenizer/, transformer.safetensors, text_encoder.safetensors (written atomically)."""
+        from .config import save_config
+        from .train.checkpoint import save_weights
+        from .train.tokenizer_io import save_tokenizer
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        cfg = copy.deepcopy(self.cfg)
+        cfg.tokenizer.path = "tokenizer"  # relative to the pipeline directory
+        save_config(cfg, tmp / "config.yaml")
+        save_tokenizer(self.tokenizer, tmp / "tokenizer")
+        save_weights(self.model.network.state_dict(), tmp / "transformer.safetensors")
+        save_weights(self.model.text_encoder.state_dict(), tmp / "text_encoder.safetensors")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        return path
+
+    # ---- sampling --------------------------------------------------------------------------------
+
+    def _options(self, **given) -> dict:
+        s = self.cfg.sample
+        defaults = dict(steps=s.steps, guidance_scale=s.guidance_scale, truncation_rate=s.truncation_rate,
+                        temperature=s.temperature, strategy=s.strategy)
+        return {k: (given[k] if given.get(k) is not None else v) for k, v in defaults.items()}
+
+    def conditions(self, prompts: list[str], guidance_scale: float) -> tuple[dict, dict | None]:
+        """Cached cross-attention inputs for the prompts and, when guiding, for the null condition."""
+        network = self.model.network
+        text, mask = self.model.encode_text(prompts)
+        cond = network.cache_text(text, mask)
+        if guidance_scale == 1.0:
+            return cond, None
+        if network.empty_text_embed is not None:
+            null_text, null_mask = network.null_text(len(prompts))
+        else:
+            null_text, null_mask = self.model.encode_text([""] * len(prompts))
+        return cond, network.cache_text(null_text, null_mask)
+
+    @torch.no_grad()
+    def sample_iter(self, prompts, generator=None, progress: bool = True, known_tokens=None, known_mask=None,
+                    **options):
+        """Yield token maps [B, N] after each step (the last has no [MASK])."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        opts = self._options(**options)
+        cond, null_cond = self.conditions(prompts, opts["guidance_scale"])
+        yield from self.diffusion.sample_iter(
+            self.model.network, len(prompts), self.grid[0] * self.grid[1], cond=cond, null_cond=null_cond,
+            known_tokens=known_tokens, known_mask=known_mask, generator=generator, progress=progress,
+            device=self.device, **opts)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> list[Image.Image]:
+        """Token maps [B, N] (no [MASK]) -> PIL images."""
+        images = self.tokenizer.decode(tokens.reshape(-1, *self.grid))
+        return [to_pil(x) for x in images]
+
+    @torch.no_grad()
+    def decode_partial(self, tokens: torch.Tensor) -> list[Image.Image]:
+        """Like decode, with [MASK] tokens shown as grey (for progress pictures)."""
+        masked = tokens == self.diffusion.mask_id
+        images = self.tokenizer.decode(tokens.masked_fill(masked, 0).reshape(-1, *self.grid))
+        cell = masked.reshape(-1, 1, *self.grid).float()
+        cell = torch.nn.functional.interpolate(cell, size=images.shape[-2:], mode="nearest")
+        return [to_pil(x) for x in images * (1 - cell)]
+
+    @torch.no_grad()
+    def __call__(self, prompts, generator=None, progress: bool = True, **options) -> list[Image.Image]:
+        """One image per prompt. Options: steps, guidance_scale, truncation_rate, temperature, strategy."""
+        tokens = None
+        for tokens in self.sample_iter(prompts, generator, progress, **options):
+            pass
+        return self.decode(tokens)
+
+    @torch.no_grad()
+    def inpaint(self, prompts, image: Image.Image, mask: Image.Image, generator=None, progress: bool = True,
+                **options) -> list[Image.Image]:
+        """Regenerate the white area of `mask` (any other value keeps the image), one image per prompt.
+
+        A token is kept when every pixel it covers is kept; the rest is sampled given the kept tokens.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        size = self.cfg.data.size
+        pixels = _image_tensor(image, size).to(self.device)
+        keep = _image_tensor(mask.convert("L"), size)[0] < 0  # [H, W], True where the mask is dark
+        tokens = self.tokenizer.encode(pixels[None]).flatten(1)  # [1, N]
+        factor = self.tokenizer.downsample_factor
+        known = (-torch.nn.functional.max_pool2d((~keep).float()[None, None], factor)).flatten(1) == 0  # [1, N]
+        known_tokens = tokens.expand(len(prompts), -1)
+        known_mask = known.to(self.device).expand(len(prompts), -1)
+        final = None
+        for final in self.sample_iter(prompts, generator, progress, known_tokens=known_tokens,
+                                      known_mask=known_mask, **options):
+            pass
+        return self.decode(final)
+
+    @torch.no_grad()
+    def preview(self, generator=None) -> Image.Image:
+        """The training-time sample grid: fixed prompts, each image captioned."""
+        prompts = preview_prompts(self.cfg)
+        images = self(prompts, generator=generator, progress=False)
+        return make_grid(images, nrow=min(8, len(images)), captions=prompts, scale=max(1, 64 // self.cfg.data.size))
+
+
+def preview_prompts(cfg: ExperimentConfig) -> list[str]:
+    n = cfg.train.num_sample_images
+    if cfg.data.name == "shapes":
+        from .data.shapes import eval_prompts
+        return [caption for caption, _ in eval_prompts("val", n, seed=cfg.data.seed, max_objects=cfg.data.max_objects)]
+    dataset = build.build_dataset(cfg, split="val")
+    return [dataset[i]["caption"] for i in range(min(n, len(dataset)))]
+
+
+def _check_parts_fit(tokenizer, network, grid, text_dim) -> None:
+    problems = []
+    if tokenizer.num_embeddings != network.num_classes:
+        problems.append(f"the tokenizer has {tokenizer.num_embeddings} codes but the transformer predicts "
+                        f"{network.num_classes} classes")
+    if tuple(grid) != tuple(network.grid_size):
+        problems.append(f"the tokenizer makes a {grid[0]}x{grid[1]} token grid but the transformer expects "
+                        f"{network.grid_size[0]}x{network.grid_size[1]}")
+    if text_dim != network.text_dim:
+        problems.append(f"the text encoder gives {text_dim}-d features but the transformer reads {network.text_dim}-d")
+    if problems:
+        raise CheckpointError("the pipeline's parts do not fit together: " + "; ".join(problems))
+
+
+def _image_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """PIL image of any mode -> [C, size, size] in [-1, 1] (resized shorter side, centre crop)."""
+    from .data.images import resize_center_crop
+    mode = "L" if image.mode in ("L", "1") else "RGB"
+    array = torch.from_numpy(np.asarray(image.convert(mode), dtype=np.uint8).copy())
+    x = (array[None] if mode == "L" else array.permute(2, 0, 1)).float() / 127.5 - 1
+    return resize_center_crop(x, size)
