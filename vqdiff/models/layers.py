@@ -1,8 +1,13 @@
 """Building blocks shared by the networks."""
 
+import enum
 import math
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+SINUSOID_RESCALE = 4000.0  # the official sinusoidal AdaLN maps t in [0, T) to [0, 4000) first
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -14,3 +19,96 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     if dim % 2:
         emb = torch.nn.functional.pad(emb, (0, 1))
     return emb
+
+
+class TimeEmbedding(str, enum.Enum):
+    """How AdaLayerNorm turns the step t into a vector."""
+    TABLE = "table"            # learned row per step (released VQ-Diffusion models)
+    SINUSOIDAL = "sinusoidal"  # fixed sinusoid of t rescaled to [0, 4000), like the official "*_abs" variant
+    # (whose sin/cos order and frequencies differ; no released model uses it)
+
+
+class Activation(str, enum.Enum):
+    """The MLP non-linearity."""
+    GELU = "gelu"              # erf GELU (Hendrycks & Gimpel 2016)
+    QUICK_GELU = "quick_gelu"  # x * sigmoid(1.702 x): the released models' "GELU2"
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class AdaLayerNorm(nn.Module):
+    """y = LayerNorm(x) * (1 + scale(t)) + shift(t), with [scale, shift] = linear(SiLU(emb(t))).
+
+    `emb` is a learned table [num_steps, dim] or a fixed sinusoid; the layer norm has no affine terms
+    of its own. Parameter names and the scale-then-shift chunk order follow the released models.
+    """
+
+    def __init__(self, dim: int, num_steps: int, time_embedding: TimeEmbedding | str = TimeEmbedding.TABLE):
+        super().__init__()
+        self.time_embedding = TimeEmbedding(time_embedding)
+        self.dim, self.num_steps = dim, num_steps
+        if self.time_embedding is TimeEmbedding.TABLE:
+            self.emb = nn.Embedding(num_steps, dim)
+        self.linear = nn.Linear(dim, 2 * dim)
+
+    def step_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """[B] integer steps -> [B, dim]."""
+        if self.time_embedding is TimeEmbedding.TABLE:
+            return self.emb(t)
+        return timestep_embedding(t * (SINUSOID_RESCALE / self.num_steps), self.dim)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.linear(F.silu(self.step_embedding(t)))[:, None].chunk(2, dim=-1)  # [B, 1, D] each
+        return torch.addcmul(shift, F.layer_norm(x, (self.dim,), eps=1e-5), 1 + scale)  # one pass for * and +
+
+
+class Attention(nn.Module):
+    """Multi-head attention through F.scaled_dot_product_attention.
+
+    Self-attention when `context_dim` is None; otherwise queries come from x [B, N, dim] and keys and
+    values from a context [B, L, context_dim] (cross-attention). Separate `query`/`key`/`value`/`proj`
+    Linear layers with bias, as in the released models.
+    """
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(context_dim or dim, dim)
+        self.value = nn.Linear(context_dim or dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, dim] -> [B, H, L, dim / H]."""
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+    def key_value(self, context: torch.Tensor) -> torch.Tensor:
+        """Keys and values of a context [B, L, context_dim] -> [B, 2, H, L, dim / H]."""
+        return torch.stack([self.split_heads(self.key(context)), self.split_heads(self.value(context))], dim=1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, key_value: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, N, dim]; keys/values from `key_value` if given, else from `context` (default x).
+
+        `mask` [B, 1, 1, L] bool, True where a key may be attended.
+        """
+        if key_value is not None:
+            k, v = key_value.unbind(1)
+        else:
+            context = x if context is None else context
+            k, v = self.split_heads(self.key(context)), self.split_heads(self.value(context))
+        q = self.split_heads(self.query(x))  # [B, H, N, dim / H]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, N, dim / H]
+        return self.proj(out.transpose(1, 2).flatten(2))  # [B, N, dim]
+
+
+def mlp(dim: int, ratio: float = 4.0, activation: Activation | str = Activation.GELU) -> nn.Sequential:
+    """Linear(dim, ratio*dim) -> activation -> Linear(ratio*dim, dim); keys `0.*` and `2.*` as released."""
+    hidden = int(ratio * dim)
+    act = nn.GELU() if Activation(activation) is Activation.GELU else QuickGELU()
+    return nn.Sequential(nn.Linear(dim, hidden), act, nn.Linear(hidden, dim))

@@ -74,8 +74,16 @@ class StepBatchSampler(torch.utils.data.Sampler):
             yield perm[begin:begin + self.batch_size].tolist()
 
 
-def default_collate(items):
-    return torch.utils.data.default_collate(items)
+def default_collate(items: list[dict]) -> dict:
+    """Stack tensors and numbers per key; anything else (captions, object lists) stays a list."""
+    batch = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        if all(isinstance(v, (torch.Tensor, int, float)) for v in values):
+            batch[key] = torch.utils.data.default_collate(values)
+        else:
+            batch[key] = values
+    return batch
 
 
 def step_generator(device, seed: int, step: int, rank: int) -> torch.Generator:
