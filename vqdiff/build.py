@@ -1,5 +1,7 @@
 """The one place that turns a config into objects: networks, diffusion processes, data sets, tasks."""
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -81,10 +83,14 @@ def build_network(cfg: ExperimentConfig) -> nn.Module:
     raise ConfigError(f"network: {cfg.network.value!r} does not go with model: {cfg.model.value!r}")
 
 
-def build_time_sampler(name: str, num_timesteps: int):
+def build_time_sampler(name: str, num_timesteps: int, ema_decay: float | None = None):
+    """ema_decay: the importance sampler's moving average of L_t^2 (VQ-Diffusion: 0.9); None keeps
+    improved-diffusion's mean over the last 10 losses."""
     if name not in TIME_SAMPLERS:
         raise ConfigError(f"time_sampler: {name!r} is not one of {sorted(TIME_SAMPLERS)}")
-    return TIME_SAMPLERS[name](num_timesteps)
+    if name == "importance":
+        return ImportanceSampler(num_timesteps, ema_decay=ema_decay)
+    return UniformSampler(num_timesteps)
 
 
 def ddpm_cond(cfg: ExperimentConfig, batch: dict) -> dict:
@@ -162,7 +168,7 @@ def build_discrete_diffusion(cfg: ExperimentConfig, num_classes: int):
     d = cfg.discrete
     return MaskAndReplaceDiffusion(num_classes, d.num_timesteps, schedule=d.schedule, aux_weight=d.aux_weight,
                                    adaptive_aux_weight=d.adaptive_aux_weight, mask_weight=tuple(d.mask_weight),
-                                   time_sampler=build_time_sampler(d.time_sampler, d.num_timesteps))
+                                   time_sampler=build_time_sampler(d.time_sampler, d.num_timesteps, ema_decay=0.9))
 
 
 def load_configured_tokenizer(cfg: ExperimentConfig):
@@ -213,13 +219,85 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def parameter_counts(cfg: ExperimentConfig) -> dict[str, int]:
-    """Parameters per part of a config's networks, built on the meta device (instant, no memory)."""
+def parameter_counts(cfg: ExperimentConfig, num_classes: int | None = None) -> dict[str, int]:
+    """Parameters per part of a config's networks, built on the meta device (instant, no memory).
+
+    For VQ-Diffusion, K comes from `num_classes`, else the tokenizer at tokenizer.path, else
+    tokenizer.num_embeddings; the grid is data.size over the tokenizer's downsampling."""
     with torch.device("meta"):
-        network = build_network(cfg)
-    return {cfg.network.value: count_parameters(network)}
+        if cfg.model is ModelType.VQ_DIFFUSION:
+            from .models.transformer import parameter_counts as transformer_counts
+            if num_classes is None and cfg.tokenizer.path is not None and Path(cfg.tokenizer.path).exists():
+                num_classes = load_configured_tokenizer(cfg).num_embeddings
+            side = cfg.data.size // 2 ** (len(cfg.tokenizer.ch_mult) - 1)
+            model = build_vq_model(cfg, num_classes or cfg.tokenizer.num_embeddings, (side, side))
+            counts = {f"transformer.{k}": v for k, v in transformer_counts(model.network).items()}
+            counts["text_encoder"] = count_parameters(model.text_encoder)
+            return counts
+        if cfg.model is ModelType.VQVAE:
+            return {"tokenizer": count_parameters(build_tokenizer(cfg))}
+        return {cfg.network.value: count_parameters(build_network(cfg))}
 
 
 def seed_everything(seed: int) -> None:
     """Entry points only (never library code): makes weight init reproducible."""
     torch.manual_seed(seed)
+
+
+# ---- tokenizer ----
+
+def build_tokenizer(cfg: ExperimentConfig):
+    """A new (untrained) GumbelVQVAE from cfg.tokenizer's architecture, for images of cfg.data.size."""
+    from .models.vqvae import GumbelVQVAE
+    t = cfg.tokenizer
+    return GumbelVQVAE(resolution=cfg.data.size, ch=t.ch, ch_mult=t.ch_mult, num_res_blocks=t.num_res_blocks,
+                       attn_resolutions=t.attn_resolutions, z_channels=t.z_channels, dropout=t.dropout,
+                       norm_groups=t.norm_groups, embedding_dim=t.embedding_dim, num_embeddings=t.num_embeddings,
+                       straight_through=t.straight_through, kl_weight=t.kl_weight, temperature=t.temperature_start)
+
+
+def load_trained_tokenizer(cfg: ExperimentConfig, device: str = "cpu"):
+    """The trained tokenizer at cfg.tokenizer.path (a directory written by train_vqvae / save_tokenizer)."""
+    from .train.tokenizer_io import load_tokenizer
+    if cfg.tokenizer.path is None:
+        raise ConfigError("tokenizer.path: set it to a trained tokenizer directory (e.g. runs/vqvae_shapes/tokenizer)")
+    return load_tokenizer(cfg.tokenizer.path, device)
+
+
+def build_vqvae_loss(cfg: ExperimentConfig):
+    from .train.vqvae_losses import VQVAELoss
+    t = cfg.tokenizer
+    return VQVAELoss(recon=t.recon, codebook_weight=t.codebook_weight, disc_weight=t.disc_weight,
+                     disc_start=t.disc_start, perceptual_weight=t.perceptual_weight,
+                     perceptual_path=t.perceptual_path)
+
+
+CAPTION_DATA = ("captions", "coco")
+
+
+def build_caption_dataset(cfg: ExperimentConfig, split: str = "train"):
+    """data.name "captions": data.root (or data.root/<split> when it exists) holding metadata.jsonl or image +
+    same-name .txt files; "coco": data.root with annotations/captions_<split>2017.json and <split>2017/."""
+    from pathlib import Path
+
+    from .data.captions import CocoCaptions, caption_folder
+    d = cfg.data
+    if d.root is None:
+        raise ConfigError(f"data.root: the {d.name!r} data set needs a local folder (data.root=PATH)")
+    root = Path(d.root)
+    if d.name == "coco":
+        return CocoCaptions(root / f"{split}2017", root / "annotations" / f"captions_{split}2017.json", d.size, d.seed)
+    if d.name == "captions":
+        if (root / split).is_dir():
+            return caption_folder(root / split, d.size, d.seed)
+        if split != "train":
+            raise ConfigError(f"data.root: {root} has no {split}/ folder for the {split!r} split")
+        return caption_folder(root, d.size, d.seed)
+    raise ConfigError(f"data.name: {d.name!r} is not a captioned data set; choose one of {CAPTION_DATA}")
+
+
+def build_tokenizer_data(cfg: ExperimentConfig, split: str = "train"):
+    """The images a tokenizer trains on or encodes: caption data sets here, the others via build_dataset."""
+    if cfg.data.name in CAPTION_DATA:
+        return build_caption_dataset(cfg, split)
+    return build_dataset(cfg, split)

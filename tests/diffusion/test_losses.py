@@ -107,3 +107,12 @@ def test_discretized_float32_agrees_with_float64(log_scale):
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
     assert torch.isfinite(torch.autograd.grad(got.sum(), log_scale)[0]).all()
+
+
+def test_log_1_min_a_has_finite_gradients_near_zero():
+    from vqdiff.diffusion.losses import log_1_min_a
+    a = torch.tensor([-1e-12, -1e-8, -0.5, -1.0, -30.0], requires_grad=True)
+    log_1_min_a(a).sum().backward()
+    assert torch.isfinite(a.grad).all()
+    expected = -torch.exp(a.detach().double()) / -torch.expm1(a.detach().double())  # d/da log(1 - e^a)
+    torch.testing.assert_close(a.grad.double(), expected, rtol=1e-3, atol=0)

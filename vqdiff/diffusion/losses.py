@@ -64,7 +64,10 @@ def gaussian_log_likelihood(x, mean, log_scale):
 
 def log_1_min_a(a: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(a)) for a <= 0, stable at both ends (Maechler 2012)."""
-    return torch.where(a > -math.log(2.0), torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+    # each branch sees only inputs in its own range, so the unused one cannot put NaN into the gradient
+    near_zero = a > -math.log(2.0)
+    return torch.where(near_zero, torch.log(-torch.expm1(a.clamp(min=-math.log(2.0)))),
+                       torch.log1p(-torch.exp(a.clamp(max=-math.log(2.0)))))
 
 
 def log_add_exp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -72,9 +75,9 @@ def log_add_exp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.logaddexp(a, b)
 
 
-def index_to_log_onehot(x: torch.Tensor, num_classes: int) -> torch.Tensor:
+def index_to_log_onehot(x: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Token ids `[B, N]` -> log one-hot `[B, num_classes, N]` with LOG_EPS for the zeros."""
-    out = torch.full((x.shape[0], num_classes, x.shape[1]), LOG_EPS, device=x.device)
+    out = torch.full((x.shape[0], num_classes, x.shape[1]), LOG_EPS, device=x.device, dtype=dtype)
     return out.scatter_(1, x.unsqueeze(1), 0.0)
 
 
@@ -97,6 +100,25 @@ def log_sample_categorical(logits: torch.Tensor, generator=None) -> torch.Tensor
     uniform = torch.rand(logits.shape, device=logits.device, generator=generator)
     gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-30)).clamp_min(1e-30))
     return (logits + gumbel).argmax(dim=1)
+
+
+def shifted_exp(logits: torch.Tensor, dim: int = 1, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exp(logits - max), max) along dim, without autograd; the max keeps its dim. inplace reuses logits.
+
+    exp is floored at the smallest normal float: exp that underflows to subnormals runs 20-40x slower on
+    CPUs, and peaked or guided logits do that for most classes. A probability moves by ~1e-38 at most.
+    """
+    floor = math.log(torch.finfo(logits.dtype).tiny) + 1.0
+    top = logits.amax(dim=dim, keepdim=True)
+    shifted = logits.sub_(top) if inplace else logits - top
+    return shifted.clamp_min_(floor).exp_(), top
+
+
+def stable_softmax(logits: torch.Tensor, dim: int = 1, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax, log-normaliser) of logits along dim via `shifted_exp`, without autograd."""
+    probs, top = shifted_exp(logits, dim, inplace)
+    total = probs.sum(dim=dim, keepdim=True)
+    return probs.div_(total), (top + total.log()).squeeze(dim)
 
 
 def log_softmax(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:

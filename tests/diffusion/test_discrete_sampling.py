@@ -1,0 +1,263 @@
+"""Samplers of MaskAndReplaceDiffusion with an oracle network on a tiny known data distribution, plus
+truncation against the full-sort reference, guidance, inpainting and the no-[MASK]-left guarantee."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from vqdiff.diffusion.discrete import MaskAndReplaceDiffusion
+from vqdiff.diffusion.discrete_sampling import (X0Distribution, _gather_rows, sample_rows, sampling_timesteps,
+                                                truncate)
+from vqdiff.diffusion.guidance import guide_log_probs
+
+SAMPLES = 20_000
+
+
+class Oracle:
+    """The exact per-token marginals of p(x0 | x_t) for data drawn from `probs` over `configs` [C, N]:
+    Bayes over the table with the factorised q(x_t | x0), which is what a perfect network outputs."""
+
+    def __init__(self, diffusion, configs, probs):
+        self.diffusion, self.configs, self.probs = diffusion, configs, probs
+
+    def __call__(self, xt, t):
+        schedule, K = self.diffusion.schedule, self.diffusion.num_classes
+        at, bt, gt = (getattr(schedule, n)[t].view(-1, 1, 1) for n in ("alpha_bar", "beta_bar", "gamma_bar"))
+        x0, x = self.configs.unsqueeze(0), xt.unsqueeze(1)  # [1, C, N], [B, 1, N]
+        likelihood = torch.where(x == K, gt, torch.where(x == x0, at + bt, bt)).prod(dim=2)  # [B, C]
+        posterior = self.probs * likelihood
+        posterior = posterior / posterior.sum(dim=1, keepdim=True)
+        marginals = torch.einsum("bc,cnk->bkn", posterior, torch.nn.functional.one_hot(self.configs, K).double())
+        return marginals.log().clamp_min(-300.0)
+
+
+def joint_table(K, N, seed):
+    """A correlated distribution over all K^N sequences, with some impossible ones."""
+    generator = torch.Generator().manual_seed(seed)
+    configs = torch.tensor(list(itertools.product(range(K), repeat=N)))
+    probs = torch.rand(len(configs), generator=generator, dtype=torch.float64) ** 3
+    probs[torch.randperm(len(configs), generator=generator)[: len(configs) // 3]] = 0.0
+    return configs, probs / probs.sum()
+
+
+def total_variation(samples, configs, probs):
+    matches = (samples.unsqueeze(1) == configs.unsqueeze(0)).all(dim=2)  # [S, C]
+    assert matches.any(dim=1).all(), "a sample is not a valid sequence"
+    frequencies = matches.double().mean(dim=0)
+    return 0.5 * (frequencies - probs).abs().sum().item()
+
+
+def random_model(K, seed=0, scale=2.0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def model(xt, t, **cond):
+        return scale * torch.randn(xt.shape[0], K, xt.shape[1], generator=generator)
+
+    return model
+
+
+# MC noise alone gives a total variation of about 0.005-0.01 at 20k samples over these tables; the
+# tolerances below leave room for that and, where stated, for the factorised network output.
+
+def test_ancestral_all_steps_recovers_the_data():
+    """Two correlated tokens: a per-token network is exact when they are not revealed at the same
+    step, which has probability ~1/T; at T = 40 the bias stays well under the tolerance."""
+    configs, probs = joint_table(3, 2, seed=0)
+    diffusion = MaskAndReplaceDiffusion(3, 40, "released")
+    samples = diffusion.sample(Oracle(diffusion, configs, probs), SAMPLES, 2,
+                               generator=torch.Generator().manual_seed(0), progress=False)
+    assert total_variation(samples, configs, probs) < 0.025
+
+
+@pytest.mark.parametrize("steps", [1, 3, 7, 40])
+def test_skip_steps_are_exact_for_one_token_with_real_replacement(steps):
+    """With one token the oracle is the true posterior, so any exact reverse kernel gives the data;
+    the paper schedule's uniform replacement makes revealed tokens matter in every skip posterior."""
+    configs, probs = joint_table(4, 1, seed=1)
+    diffusion = MaskAndReplaceDiffusion(4, 40, "paper")
+    samples = diffusion.sample(Oracle(diffusion, configs, probs), SAMPLES, 1, steps=steps,
+                               generator=torch.Generator().manual_seed(steps), progress=False)
+    assert total_variation(samples, configs, probs) < 0.02
+
+
+def test_purity_sampling_recovers_the_data():
+    """One token revealed per step from the exact conditional: the chain rule, exact in any order."""
+    configs, probs = joint_table(3, 2, seed=2)
+    diffusion = MaskAndReplaceDiffusion(3, 40, "released")
+    samples = diffusion.sample(Oracle(diffusion, configs, probs), SAMPLES, 2, steps=4, strategy="purity",
+                               generator=torch.Generator().manual_seed(2), progress=False)
+    assert total_variation(samples, configs, probs) < 0.025
+
+
+@pytest.mark.parametrize("strategy,steps,tolerance", [("ancestral", 40, 0.025), ("purity", 5, 0.02)])
+def test_inpainting_matches_the_true_conditional(strategy, steps, tolerance):
+    configs, probs = joint_table(3, 3, seed=3)
+    diffusion = MaskAndReplaceDiffusion(3, 40, "released")
+    value = int(configs[probs.argmax(), 0])
+    known_tokens = torch.full((SAMPLES, 3), value)
+    known_mask = torch.tensor([True, False, False]).expand(SAMPLES, 3)
+    samples = diffusion.sample(Oracle(diffusion, configs, probs), SAMPLES, 3, steps=steps, strategy=strategy,
+                               known_tokens=known_tokens, known_mask=known_mask,
+                               generator=torch.Generator().manual_seed(3), progress=False)
+    assert (samples[:, 0] == value).all()
+    given = configs[:, 0] == value
+    conditional = probs[given] / probs[given].sum()
+    assert total_variation(samples[:, 1:], configs[given][:, 1:], conditional) < tolerance
+
+
+@pytest.mark.parametrize("steps", [1, 4, 10, 50])
+def test_masked_share_follows_the_schedule_at_every_skip_step(steps):
+    """A masked x_t stays masked at s with probability gamma_bar_s / gamma_bar_t whatever the network,
+    so after each exact skip step the masked share is gamma_bar_s (4 standard errors); none at the end."""
+    K, T, B, N = 16, 50, 64, 256
+    diffusion = MaskAndReplaceDiffusion(K, T, "released")
+    times = sampling_timesteps(T, steps)[1:] + [-1]
+    maps = list(diffusion.sample_iter(random_model(K), B, N, steps=steps,
+                                      generator=torch.Generator().manual_seed(4)))
+    assert len(maps) == steps
+    for s, x in zip(times, maps):
+        expected = float(diffusion.schedule.gamma_bar[s]) if s >= 0 else 0.0
+        share = (x == K).double().mean().item()
+        assert abs(share - expected) <= 4 * math.sqrt(expected * (1 - expected) / (B * N)) + 1e-12, (s, share)
+
+
+@pytest.mark.parametrize("preset", ["released", "paper", "absorbing"])
+@pytest.mark.parametrize("strategy", ["ancestral", "purity"])
+def test_no_mask_remains_for_any_step_count(preset, strategy):
+    K, T, B, N = 7, 20, 8, 12
+    diffusion = MaskAndReplaceDiffusion(K, T, preset)
+    for steps in (1, 2, 3, 7, 19, 20):
+        for truncation_rate in (1.0, 0.5):
+            x = diffusion.sample(random_model(K, steps), B, N, steps=steps, strategy=strategy,
+                                 truncation_rate=truncation_rate, generator=torch.Generator().manual_seed(steps),
+                                 progress=False)
+            assert x.shape == (B, N) and x.dtype == torch.long
+            assert ((x >= 0) & (x < K)).all(), (steps, truncation_rate)
+
+
+def full_sort_keep(probs, rate):
+    """Reference: sort each row, keep classes until the cumulative mass first reaches rate."""
+    values, order = probs.sort(dim=1, descending=True)
+    before = torch.cat([torch.zeros_like(values[:, :1]), values.cumsum(dim=1)[:, :-1]], dim=1)
+    return torch.zeros_like(probs, dtype=torch.bool).scatter(1, order, before < rate)
+
+
+@pytest.mark.parametrize("rate", [0.3, 0.86, 0.99])
+def test_truncation_equals_the_full_sort_reference(rate):
+    """Peaked rows (found by the top-k) and flat rows (left to the sort), K as the COCO codebook."""
+    generator = torch.Generator().manual_seed(5)
+    scale = torch.tensor([8.0, 4.0, 1.0, 0.1]).repeat_interleave(64).unsqueeze(1)
+    probs = (scale * torch.randn(256, 2887, generator=generator, dtype=torch.float64)).softmax(dim=1)
+    keep = full_sort_keep(probs, rate)
+    truncated = truncate(probs.clone(), rate)
+    assert torch.equal(truncated > 0, keep)
+    kept_mass = (probs * keep).sum(dim=1)
+    smallest_kept = torch.where(keep, probs, 2.0).amin(dim=1)
+    assert (kept_mass >= rate).all() and (kept_mass - smallest_kept < rate).all()
+    assert torch.allclose(truncated, probs * keep / kept_mass.unsqueeze(1))
+    assert truncate(probs.clone(), 1.0).equal(probs)
+
+
+def test_sample_rows_follows_the_weights():
+    probs = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3, 0.0]]).expand(100_000, 6).contiguous()
+    draws = sample_rows(probs, torch.Generator().manual_seed(6))
+    frequencies = torch.bincount(draws, minlength=6).double() / draws.numel()
+    assert frequencies[[0, 2, 5]].sum() == 0
+    assert (frequencies - probs[0].double()).abs().max() < 4 * math.sqrt(0.25 / draws.numel())
+
+
+def test_guidance_temperature_and_truncation_per_token():
+    K, B, N = 50, 2, 3
+    generator = torch.Generator().manual_seed(7)
+    cond, null = torch.randn(B, K, N, generator=generator), torch.randn(B, K, N, generator=generator)
+    rows = torch.tensor([0, 4, 5])
+    got = X0Distribution(cond, null, 3.0, 0.7, 1.0).rows(rows)
+    batch, token = rows // N, rows % N
+    guided = guide_log_probs(cond[batch, :, token].log_softmax(1), null[batch, :, token].log_softmax(1), 3.0)
+    assert torch.allclose(got, (guided / 0.7).softmax(1), atol=1e-6)
+    truncated = X0Distribution(cond, None, 1.0, 1.0, 0.6).rows(rows)
+    assert torch.equal(truncated > 0, full_sort_keep(cond[batch, :, token].softmax(1), 0.6))
+
+
+@pytest.mark.parametrize("rate", [0.3, 0.7, 1.0])
+@pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
+@pytest.mark.parametrize("share", [0.3, 1.0])  # a few tokens' columns, or one pass over all
+def test_prob_at_and_purity_equal_the_processed_rows(rate, guidance_scale, share):
+    """p(x0 = k | x_t) per token, with truncation settled from p alone where it can, equals the full row."""
+    K, B, N = 300, 3, 80
+    generator = torch.Generator().manual_seed(8)
+    cond = torch.randn(B, K, N, generator=generator) * torch.linspace(0.2, 12.0, N)  # flat to sure tokens
+    null = torch.randn(B, K, N, generator=generator)
+    x0_dist = X0Distribution(cond, null if guidance_scale != 1.0 else None, guidance_scale, 0.8, rate)
+    rows = torch.randperm(B * N, generator=generator)[: int(share * B * N)].sort().values
+    probs = x0_dist.rows(rows)
+    classes = torch.where(torch.rand(rows.shape, generator=generator) < 0.5, probs.argmax(1),
+                          torch.randint(K, rows.shape, generator=generator))
+    expected = probs.gather(1, classes.unsqueeze(1)).squeeze(1)
+    assert torch.allclose(x0_dist.prob_at(rows, classes), expected, atol=1e-6)
+    untruncated = X0Distribution(cond, x0_dist.null_logits, guidance_scale, 0.8, 1.0).rows(rows)
+    assert torch.allclose(x0_dist.purity(rows), untruncated.amax(1), atol=1e-6)
+
+
+def test_gather_rows_both_paths():
+    for shape in ((3, 7, 100), (3, 7, 10)):  # the per-batch index_select path, then plain indexing
+        logits = torch.randn(*shape)
+        rows = torch.randperm(shape[0] * shape[2])[:37].sort().values
+        expected = logits.permute(0, 2, 1).reshape(-1, shape[1])[rows]
+        assert torch.equal(_gather_rows(logits, rows), expected)
+        assert _gather_rows(logits, rows[:0]).shape == (0, shape[1])
+
+
+class CountingModel:
+    def __init__(self, K):
+        self.K, self.batch_sizes = K, []
+
+    def __call__(self, xt, t, text):
+        self.batch_sizes.append(xt.shape[0])
+        shape = torch.cos(torch.arange(self.K) * 0.37).view(1, -1, 1)
+        return shape * (text.sum(dim=1, keepdim=True) + 0.1 * xt.unsqueeze(1))
+
+
+@pytest.mark.parametrize("strategy", ["ancestral", "purity"])
+def test_guidance_scale_one_is_unguided_and_guidance_is_one_batched_call(strategy):
+    K, T, B, N = 9, 10, 4, 6
+    diffusion = MaskAndReplaceDiffusion(K, T, "paper")
+    cond = {"text": torch.randn(B, 3, N, generator=torch.Generator().manual_seed(8))}
+    null = {"text": torch.zeros(B, 3, N)}
+    runs = []
+    for null_cond, scale in ((None, 1.0), (null, 1.0), (null, 4.0)):
+        model = CountingModel(K)
+        x = diffusion.sample(model, B, N, cond=cond, steps=5, guidance_scale=scale, null_cond=null_cond,
+                             strategy=strategy, generator=torch.Generator().manual_seed(9), progress=False)
+        runs.append((x, model.batch_sizes))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1] == [B] * 5
+    assert runs[2][1] == [2 * B] * 5 and not torch.equal(runs[0][0], runs[2][0])
+
+
+def test_sampling_timesteps():
+    assert sampling_timesteps(100) == list(range(99, -1, -1))
+    assert sampling_timesteps(100, 10) == [99, 89, 79, 69, 59, 49, 39, 29, 19, 9]
+    for steps in (1, 3, 7, 33):
+        times = sampling_timesteps(100, steps)
+        assert len(times) == steps and times[0] == 99 and times[-1] >= 0
+        assert all(a > b for a, b in zip(times, times[1:]))
+
+
+def test_bad_sampling_inputs_raise_clear_errors():
+    diffusion = MaskAndReplaceDiffusion(5, 10)
+    model = random_model(5)
+    with pytest.raises(ValueError, match="needs null_cond"):
+        diffusion.sample(model, 2, 3, guidance_scale=2.0, progress=False)
+    with pytest.raises(ValueError, match="truncation_rate"):
+        diffusion.sample(model, 2, 3, truncation_rate=0.0, progress=False)
+    with pytest.raises(ValueError, match="steps must lie"):
+        diffusion.sample(model, 2, 3, steps=11, progress=False)
+    with pytest.raises(ValueError, match="both known_tokens and known_mask"):
+        diffusion.sample(model, 2, 3, known_tokens=torch.zeros(2, 3, dtype=torch.long), progress=False)
+    with pytest.raises(ValueError, match="'sideways' is not a valid SamplingStrategy"):
+        diffusion.sample(model, 2, 3, strategy="sideways", progress=False)
+    with pytest.raises(ValueError, match=r"logits \[B, K, N\]"):
+        diffusion.sample(lambda x, t: torch.zeros(2, 6, 3), 2, 3, progress=False)
