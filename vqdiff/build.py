@@ -187,9 +187,11 @@ def token_grid(cfg: ExperimentConfig, tokenizer) -> tuple[int, int]:
 def build_vq_dataset(cfg: ExperimentConfig, split: str = "train"):
     """The token cache when data.tokens is set (no image encoder per step), else the image data set."""
     if cfg.data.tokens is None:
-        return build_dataset(cfg, split)
-    from .data.tokens import TokenDataset
-    return TokenDataset(cfg.data.tokens, seed=cfg.data.seed)
+        return build_tokenizer_data(cfg, split)
+    from .data.tokens import TokenDataset, dataset_fingerprint
+    # refuse a cache made from other data or by another tokenizer than the config names
+    return TokenDataset(cfg.data.tokens, expect_fingerprint=dataset_fingerprint(build_tokenizer_data(cfg, split)),
+                        expect_tokenizer=cfg.tokenizer.path, seed=cfg.data.seed)
 
 
 def build_vq_task(cfg: ExperimentConfig) -> TrainTask:

@@ -64,6 +64,102 @@ def sample_ddpm_command(argv: list[str]) -> None:
         log.info("wrote %s", args.out)
 
 
+def sample_command(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="vqdiff sample", description="Text-prompt sampling from a trained model.")
+    parser.add_argument("prompts", nargs="*", help="one or more prompts")
+    parser.add_argument("--model", required=True, help="pipeline directory, run directory or checkpoint")
+    parser.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
+    parser.add_argument("--n", type=int, default=1, help="images per prompt")
+    parser.add_argument("--steps", type=int, default=None, help="network calls (default: the config's, else T)")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    parser.add_argument("--truncation", type=float, default=None, help="keep this share of p(x0|xt) per token")
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--strategy", choices=("ancestral", "purity"), default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="samples.png", help="grid PNG with each prompt under its images")
+    parser.add_argument("--gif", default=None, help="also write the unmasking progress as an animation")
+    parser.add_argument("--init-image", default=None, help="inpainting: the image to start from")
+    parser.add_argument("--mask", default=None, help="inpainting: white = regenerate, black = keep")
+    args = parser.parse_intermixed_args(argv)
+    import torch
+    from PIL import Image
+    from .images import make_grid, save_gif
+    from .pipeline import TextToImagePipeline, save_picture
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError("no prompt given: pass prompts as arguments or --prompts-file FILE")
+    if (args.init_image is None) != (args.mask is None):
+        raise ConfigError("inpainting needs both --init-image and --mask")
+    prompts = [p for p in prompts for _ in range(args.n)]
+    pipe = TextToImagePipeline.from_pretrained(args.model, device=args.device)
+    options = dict(steps=args.steps, guidance_scale=args.guidance, truncation_rate=args.truncation,
+                   temperature=args.temperature, strategy=args.strategy)
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    nrow = args.n if args.n > 1 else min(8, len(prompts))
+    if args.init_image:
+        images = pipe.inpaint(prompts, Image.open(args.init_image), Image.open(args.mask), generator, **options)
+    elif args.gif:
+        states = list(pipe.sample_iter(prompts, generator, **options))
+        frames = [make_grid(pipe.decode_partial(s), nrow=nrow) for s in states]
+        save_gif(frames, args.gif)
+        images = pipe.decode(states[-1])
+        log.info("wrote %s", args.gif)
+    else:
+        images = pipe(prompts, generator, **options)
+    save_picture(make_grid(images, nrow=nrow, captions=prompts, scale=max(1, 128 // images[0].width)), args.out)
+    log.info("wrote %s", args.out)
+
+
+def eval_shapes_command(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(prog="vqdiff eval-shapes",
+                                     description="Score a text-to-image model on shapes prompts with the attribute metric.")
+    parser.add_argument("--checkpoint", required=True, help="pipeline directory, run directory or checkpoint")
+    parser.add_argument("--n", type=int, default=500, help="prompts per split")
+    parser.add_argument("--splits", default="val,heldout", help="comma-separated: val, heldout")
+    parser.add_argument("--max-objects", type=int, default=None, help="default: the model's training setting")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--truncation", type=float, default=None)
+    parser.add_argument("--strategy", choices=("ancestral", "purity"), default=None)
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--grid", default=None, help="PNG of the first 48 prompts and outputs, wrong objects outlined")
+    parser.add_argument("--json", default=None, help="write the report as JSON")
+    args = parser.parse_intermixed_args(argv)
+    import json
+    import time
+    import torch
+    from tqdm.auto import tqdm
+    from .data.shapes import eval_prompts
+    from .eval.shapes import evaluate, make_grid
+    from .pipeline import TextToImagePipeline
+    pipe = TextToImagePipeline.from_pretrained(args.checkpoint, device=args.device)
+    max_objects = args.max_objects or pipe.cfg.data.max_objects
+    prompts = [c for split in args.splits.split(",") for c, _ in eval_prompts(split.strip(), args.n, seed=1000,
+                                                                             max_objects=max_objects)]
+    options = dict(steps=args.steps, guidance_scale=args.guidance, truncation_rate=args.truncation,
+                   strategy=args.strategy)
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    images, started = [], time.perf_counter()
+    for i in tqdm(range(0, len(prompts), args.batch_size), desc="sampling"):
+        images += pipe(prompts[i:i + args.batch_size], generator, progress=False, **options)
+    seconds = time.perf_counter() - started
+    report = evaluate(images, prompts)
+    print(report.table())
+    print(f"{len(images)} images in {seconds:.1f} s ({len(images) / seconds:.2f} img/s), options "
+          f"{pipe._options(**options)}")
+    if args.grid:
+        make_grid(images[:48], prompts[:48], report.scores[:48]).save(args.grid)
+    result = {"report": report.to_dict(), "images_per_s": len(images) / seconds, "options": pipe._options(**options)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
 def _steps(value):
     if value is None:
         return None
@@ -73,18 +169,22 @@ def _steps(value):
 def info_command(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="vqdiff info", description="Parameter counts of a config's networks.")
     parser.add_argument("--config", required=True)
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="VQ-Diffusion: codebook size K to count with (default: from the tokenizer)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
     from . import build
     cfg = load_config(args.config, args.overrides)
-    for part, count in build.parameter_counts(cfg).items():
+    for part, count in build.parameter_counts(cfg, args.num_classes).items():
         print(f"{part:<28} {count:>15,}")
 
 
 COMMANDS = {
     "train": train_command,
+    "sample": sample_command,
     "sample-ddpm": sample_ddpm_command,
     "info": info_command,
+    "eval-shapes": eval_shapes_command,
 }
 
 
@@ -93,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: vqdiff {" + ",".join(COMMANDS) + "} ...\n"
               "  train        train a model from a YAML config (also: accelerate launch scripts/train_*.py)\n"
+              "  sample       text-prompt sampling from a trained text-to-image model\n"
               "  sample-ddpm  sample a trained Gaussian DDPM into a PNG grid / GIF\n"
-              "  info         parameter counts of a config's networks")
+              "  info         parameter counts of a config's networks\n"
+              "  eval-shapes  score a text-to-image model on shapes prompts (attribute accuracy, img/s)")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     _setup_logging()
     try:

@@ -97,7 +97,9 @@ def train(cfg: ExperimentConfig, task: TrainTask, dataset, resume: "str | None" 
     tc = cfg.train
     run_dir = cfg.run_dir
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, kwargs_handlers=[ddp])
+    # cpu=True without CUDA: several processes (torchrun / accelerate launch --multi_gpu) then run as gloo MULTI_CPU
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision, kwargs_handlers=[ddp],
+                              cpu=not torch.cuda.is_available())
     device = accelerator.device
     model = task.model
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas),
@@ -186,8 +188,23 @@ def train(cfg: ExperimentConfig, task: TrainTask, dataset, resume: "str | None" 
                                                          "rng_cpu": rng}, keep=tc.keep_checkpoints)
             accelerator.wait_for_everyone()
     bar.close()
+    if accelerator.num_processes > 1:
+        _check_replicas_agree(raw_model, accelerator)
     accelerator.end_training()
     return run_dir
+
+
+@torch.no_grad()
+def _check_replicas_agree(model: nn.Module, accelerator) -> None:
+    """Every process must end with the same weights (DDP keeps them in step; this proves it)."""
+    checksum = torch.zeros(1, dtype=torch.float64, device=accelerator.device)
+    for i, p in enumerate(model.parameters()):
+        checksum += (i + 1) * p.double().sum()
+    gathered = accelerator.gather(checksum)
+    if not torch.all(gathered == gathered[0]):
+        raise RuntimeError(f"the {accelerator.num_processes} training processes ended with different weights "
+                           f"(checksums {gathered.tolist()})")
+    log.info("%d replicas agree (parameter checksum %.10g)", accelerator.num_processes, float(gathered[0]))
 
 
 def _checkpoint_to_resume(run_dir: Path, resume: "str | None") -> "Path | None":

@@ -1,0 +1,42 @@
+"""scripts/train_vqvae.py and scripts/encode_tokens.py end to end, as subprocesses: a 3-step tokenizer run, then
+a token cache that holds exactly the trained tokenizer's codes."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from vqdiff.data.shapes import ShapesDataset
+from vqdiff.data.tokens import TokenDataset, dataset_fingerprint
+from vqdiff.train.tokenizer_io import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["data.size=16", "data.num_samples=24", "data.batch_size=4", "tokenizer.ch=8", "tokenizer.ch_mult=[1,2]",
+        "tokenizer.num_res_blocks=1", "tokenizer.z_channels=8", "tokenizer.embedding_dim=8",
+        "tokenizer.num_embeddings=32", "tokenizer.norm_groups=4", "tokenizer.attn_resolutions=[]"]
+
+
+def run_script(*args):
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_train_then_encode(tmp_path):
+    run = tmp_path / "run"
+    run_script("scripts/train_vqvae.py", "--config", "configs/vqvae_shapes.yaml", "--no-progress", "--val-images", "8",
+               *TINY, f"out_dir={run}", "train.max_steps=3", "train.checkpoint_every=3", "train.sample_every=3")
+    assert (run / "checkpoints" / "step_00000003" / "model.safetensors").is_file()
+    assert (run / "samples" / "step_00000003.png").is_file()
+    tokenizer = load_tokenizer(run / "tokenizer")
+    out = tmp_path / "tokens"
+    run_script("scripts/encode_tokens.py", "--tokenizer", run / "tokenizer", "--config", "configs/vqvae_shapes.yaml",
+               "--split", "val", "--out", out, "--no-progress", *TINY)
+    data = ShapesDataset("val", size=16, num_samples=24)
+    cache = TokenDataset(out, expect_fingerprint=dataset_fingerprint(data), expect_tokenizer=run / "tokenizer")
+    assert cache.num_classes == tokenizer.num_embeddings and cache.grid_size == (8, 8)
+    with torch.no_grad():
+        direct = tokenizer.encode(torch.stack([data[i]["image"] for i in range(len(data))]))
+    assert torch.equal(torch.stack([cache[i]["tokens"] for i in range(len(cache))]), direct.flatten(1))

@@ -1,0 +1,150 @@
+"""Text-to-image end to end on tiny parts: train, resume, sample from the CLI, save/load the pipeline,
+and refuse parts that do not fit."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vqdiff import build, cli
+from vqdiff.config import load_config
+from vqdiff.models.vqvae import GumbelVQVAE
+from vqdiff.pipeline import TextToImagePipeline, _image_tensor
+from vqdiff.train.checkpoint import CheckpointError, latest_checkpoint, load_weights
+from vqdiff.train.loop import train
+from vqdiff.train.tokenizer_io import save_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """A random tiny tokenizer: 32 px -> 8x8 tokens over 16 codes (its quality is irrelevant here)."""
+    torch.manual_seed(0)
+    tokenizer = GumbelVQVAE(resolution=32, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
+                            z_channels=16, embedding_dim=16, num_embeddings=16, norm_groups=8)
+    return save_tokenizer(tokenizer, tmp_path_factory.mktemp("tok") / "tokenizer")
+
+
+def tiny_overrides(tmp_path, tokenizer_dir, name, steps):
+    return [f"name={name}", f"out_dir={tmp_path / name}", f"tokenizer.path={tokenizer_dir}",
+            f"train.max_steps={steps}", "train.checkpoint_every=4", "train.sample_every=0", "train.log_every=2",
+            "data.batch_size=4", "data.num_samples=64", "transformer.width=32", "transformer.num_heads=2",
+            "transformer.num_layers=1", "discrete.num_timesteps=10", "train.num_sample_images=2", "sample.steps=null",
+            "data.tokens=null"]
+
+
+def run(cfg, **kwargs):
+    build.seed_everything(cfg.seed)
+    return train(cfg, build.build_task(cfg), build.build_vq_dataset(cfg), progress=False, **kwargs)
+
+
+def test_train_resume_and_sample(tmp_path, tokenizer_dir):
+    straight = load_config(ROOT / "configs/shapes_tiny.yaml", tiny_overrides(tmp_path, tokenizer_dir, "a", 8))
+    run(straight)
+    first = load_config(ROOT / "configs/shapes_tiny.yaml", tiny_overrides(tmp_path, tokenizer_dir, "b", 4))
+    run(first)
+    run(load_config(ROOT / "configs/shapes_tiny.yaml", tiny_overrides(tmp_path, tokenizer_dir, "b", 8)),
+        resume="auto")
+    a = load_weights(latest_checkpoint(straight.run_dir) / "model.safetensors")
+    b = load_weights(latest_checkpoint(first.run_dir) / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    pipe = TextToImagePipeline.from_pretrained(straight.run_dir)
+    prompts = ["a large red circle at the top left", "a small blue square at the center"]
+    for options in (dict(), dict(steps=3, guidance_scale=3.0, truncation_rate=0.8),
+                    dict(steps=4, strategy="purity")):
+        images = pipe(prompts, generator=torch.Generator().manual_seed(0), progress=False, **options)
+        assert [im.size for im in images] == [(32, 32)] * 2
+
+    saved = pipe.save_pretrained(tmp_path / "pipe")
+    again = TextToImagePipeline.from_pretrained(saved)
+    g = torch.Generator().manual_seed(1)
+    tokens = list(pipe.sample_iter(prompts, torch.Generator().manual_seed(1), progress=False, steps=3))[-1]
+    tokens_again = list(again.sample_iter(prompts, g, progress=False, steps=3))[-1]
+    assert torch.equal(tokens, tokens_again)
+    assert (tokens < pipe.diffusion.mask_id).all()
+
+    out = tmp_path / "grid.png"
+    assert cli.main(["sample", prompts[0], "--model", str(saved), "--n", "2", "--steps", "3",
+                     "--out", str(out), "--gif", str(tmp_path / "p.gif")]) == 0
+    assert out.stat().st_size > 0 and (tmp_path / "p.gif").stat().st_size > 0
+    images[0].save(tmp_path / "init.png")
+    mask = images[0].convert("L").point(lambda v: 0)
+    mask.paste(255, (0, 0, 16, 32))  # regenerate the left half
+    mask.save(tmp_path / "mask.png")
+    assert cli.main(["sample", prompts[0], "--model", str(saved), "--steps", "3", "--out", str(out),
+                     "--init-image", str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png")]) == 0
+
+
+def test_inpainting_keeps_the_known_tokens(tmp_path, tokenizer_dir):
+    cfg = load_config(ROOT / "configs/shapes_tiny.yaml", tiny_overrides(tmp_path, tokenizer_dir, "c", 1))
+    run(cfg)
+    pipe = TextToImagePipeline.from_pretrained(cfg.run_dir)
+    image = pipe(["a large red circle at the top left"], progress=False, steps=2)[0]
+    known = pipe.tokenizer.encode(_image_tensor(image, 32)[None]).flatten(1)
+    mask = image.convert("L").point(lambda v: 0)
+    mask.paste(255, (16, 0, 32, 32))  # right half regenerated: token columns 4..7
+    captured = []
+    original = pipe.diffusion.sample_iter
+
+    def spy(*args, **kwargs):
+        captured.append(kwargs)
+        return original(*args, **kwargs)
+
+    pipe.diffusion.sample_iter = spy
+    pipe.inpaint(["a small blue square at the center"], image, mask, progress=False, steps=3)
+    known_mask = captured[0]["known_mask"].reshape(8, 8)
+    assert known_mask[:, :4].all() and not known_mask[:, 4:].any()
+    assert torch.equal(captured[0]["known_tokens"][0], known[0])
+
+
+def test_token_cache_trains_and_is_checked(tmp_path, tokenizer_dir):
+    from vqdiff.data.tokens import CacheMismatch
+    from vqdiff.train.tokenizer_io import encode_token_cache
+    overrides = tiny_overrides(tmp_path, tokenizer_dir, "e", 2)
+    cfg = load_config(ROOT / "configs/shapes_tiny.yaml", overrides)
+    encode_token_cache(tokenizer_dir, build.build_tokenizer_data(cfg), tmp_path / "tokens", progress=False)
+    cached = load_config(ROOT / "configs/shapes_tiny.yaml", overrides + [f"data.tokens={tmp_path / 'tokens'}"])
+    batch = build.build_vq_dataset(cached)[0]
+    assert batch["tokens"].shape == (64,) and isinstance(batch["caption"], str)
+    run(cached)
+    changed = load_config(ROOT / "configs/shapes_tiny.yaml",
+                          overrides + [f"data.tokens={tmp_path / 'tokens'}", "data.seed=5"])
+    with pytest.raises(CacheMismatch, match="data set changed after encoding"):
+        build.build_vq_dataset(changed)
+
+
+def test_parts_that_do_not_fit_are_named(tmp_path, tokenizer_dir):
+    cfg = load_config(ROOT / "configs/shapes_tiny.yaml", tiny_overrides(tmp_path, tokenizer_dir, "d", 1))
+    run(cfg)
+    pipe = TextToImagePipeline.from_pretrained(cfg.run_dir)
+    other = GumbelVQVAE(resolution=32, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
+                        z_channels=16, embedding_dim=16, num_embeddings=24, norm_groups=8)
+    with pytest.raises(CheckpointError, match="tokenizer has 24 codes but the transformer predicts 16"):
+        TextToImagePipeline(pipe.cfg, other, pipe.model, pipe.diffusion)
+    saved = pipe.save_pretrained(tmp_path / "p")
+    (saved / "text_encoder.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing text_encoder.safetensors"):
+        TextToImagePipeline.from_pretrained(saved)
+
+
+@pytest.mark.slow
+def test_two_processes_train_in_sync(tmp_path, tokenizer_dir):
+    """Two CPU processes (accelerate launch --multi_gpu --num_processes 2 on a machine without GPUs: torchrun +
+    gloo): one checkpoint, identical replicas, merged sampler history."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "scripts/train_vq.py"), "--config", str(ROOT / "configs/shapes_tiny.yaml"), "--no-progress",
+           *tiny_overrides(tmp_path, tokenizer_dir, "ddp", 6)]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = latest_checkpoint(tmp_path / "ddp")
+    assert checkpoint.name == "step_00000006"
+    state = torch.load(checkpoint / "state.pt", weights_only=True)
+    assert int(state["time_sampler"]["count"].sum()) == 6 * 4 * 2  # both processes' timesteps were recorded
+    assert "replicas agree" in result.stderr

@@ -1,0 +1,276 @@
+"""The accelerate training loop of the Gumbel VQ-VAE tokenizer, and its end product: a trimmed tokenizer directory.
+
+Each step: a Gumbel-softmax pass at the scheduled temperature, the generator loss (reconstruction + KL + the
+adaptively weighted GAN term) on the VQ-VAE optimizer, then, once the discriminator is active, the hinge loss on
+its own optimizer (taming-transformers' VQLPIPSWithDiscriminator training). The data order, the Gumbel noise
+(one generator per step) and the checkpoint layout are the diffusion trainer's, so `resume="auto"` continues
+exactly. There is no EMA: `ema.safetensors` holds the trained weights too.
+
+At the end the main process counts how often each code is used over the training data, drops the codes used
+fewer than `tokenizer.trim_min_count` times, and writes `<run>/tokenizer/` (see tokenizer_io).
+"""
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from ..config import ExperimentConfig, save_config
+from ..images import make_grid
+from ..models.vqvae import GumbelVQVAE, TemperatureSchedule, temperature_at
+from .checkpoint import (CheckpointError, architecture_differences, latest_checkpoint, load_into, load_weights,
+                         read_config, read_state, save_checkpoint)
+from .loop import StepBatchSampler, TrainingDiverged, _checkpoint_to_resume, _to_device, step_generator
+from .tokenizer_io import save_tokenizer
+from .vqvae_losses import VQVAELoss, codebook_counts, codebook_perplexity, psnr
+
+log = logging.getLogger(__name__)
+
+# config keys that must match to resume: the networks' shapes (the discriminator exists iff disc_weight > 0)
+ARCHITECTURE_KEYS = ("model", "data.size") + tuple(f"tokenizer.{k}" for k in (
+    "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embedding_dim", "num_embeddings",
+    "norm_groups", "disc_weight"))
+
+
+def temperature_schedule(cfg: ExperimentConfig) -> TemperatureSchedule:
+    t = cfg.tokenizer
+    return TemperatureSchedule(t.temperature_start, t.temperature_end, t.temperature_steps, t.temperature_decay)
+
+
+def image_collate(items) -> dict:
+    """Batches only the images ({"image": [B, C, H, W]}): captions, labels and shapes' objects are not needed."""
+    return {"image": torch.stack([item["image"] if isinstance(item, dict) else item for item in items])}
+
+
+def image_loader(dataset, batch_size: int, num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """The data set in order, images only."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                       collate_fn=image_collate)
+
+
+@torch.inference_mode()
+def reconstruct(model: GumbelVQVAE, images: torch.Tensor) -> torch.Tensor:
+    """Encode (argmax codes) and decode: images [B, C, H, W] in [-1, 1] -> reconstructions in [-1, 1]."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = model.decode(model.encode(images.to(device))).cpu()
+    model.train(was_training)
+    return out
+
+
+def reconstruction_psnr(model: GumbelVQVAE, dataset, batch_size: int = 64, progress: bool = False) -> float:
+    """Mean per-image PSNR (dB) of the tokenizer's reconstructions over a data set."""
+    total, count = 0.0, 0
+    for batch in tqdm(image_loader(dataset, batch_size), desc="val PSNR", disable=not progress):
+        images = batch["image"]
+        total += float(psnr(reconstruct(model, images), images)) * len(images)
+        count += len(images)
+    return total / count
+
+
+def recon_grid(model: GumbelVQVAE, images: torch.Tensor):
+    """A PIL picture: the inputs in the first row, their reconstructions below."""
+    return make_grid(list(images) + list(reconstruct(model, images)), nrow=len(images))
+
+
+def train_vqvae(cfg: ExperimentConfig, model: GumbelVQVAE, loss: VQVAELoss, dataset, resume: "str | None" = None,
+                progress: bool = True, val_dataset=None) -> Path:
+    """Train the tokenizer until cfg.train.max_steps, then write the trimmed `<run>/tokenizer/`; returns the run
+    directory. `resume="auto"` continues from the run's latest checkpoint (fresh if none); `val_dataset` (optional)
+    supplies the reconstruction grids and the final PSNR of the trimmed tokenizer."""
+    tc = cfg.train
+    run_dir = cfg.run_dir
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision)
+    device = accelerator.device
+    betas = tuple(tc.adam_betas)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=betas, weight_decay=tc.weight_decay)
+    disc = loss.discriminator
+    disc_optimizer = (torch.optim.AdamW(disc.parameters(), lr=tc.lr, betas=betas, weight_decay=tc.weight_decay)
+                      if disc is not None else None)
+    start_step = _resume(run_dir, resume, cfg, model, optimizer, disc, disc_optimizer, accelerator)
+
+    if disc is None:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model, optimizer, loss.discriminator, disc_optimizer = accelerator.prepare(model, optimizer, disc,
+                                                                                   disc_optimizer)
+    loss.to(device)
+    raw_model = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    sampler = StepBatchSampler(len(dataset), cfg.data.batch_size, cfg.seed, start_step, tc.max_steps,
+                               accelerator.process_index, accelerator.num_processes)
+    # its own generator: the loader must not draw from the global RNG, or resuming would shift dropout noise
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                                         collate_fn=image_collate, generator=torch.Generator().manual_seed(cfg.seed))
+    shown = val_dataset if val_dataset is not None else dataset
+    preview = image_collate([shown[i] for i in range(min(tc.num_sample_images, len(shown)))])
+    schedule = temperature_schedule(cfg)
+    stats = _Stats(raw_model.num_embeddings)
+    optimizers = [opt for opt in (optimizer, disc_optimizer) if opt is not None]
+    bar = tqdm(total=tc.max_steps, initial=start_step, disable=not (progress and accelerator.is_main_process),
+               desc=cfg.name, dynamic_ncols=True)
+    step = start_step
+    for batch in loader:
+        images = _to_device(batch, device)["image"]
+        generator = step_generator(device, cfg.seed, step, accelerator.process_index)
+        lr = tc.lr * min(1.0, (step + 1) / max(tc.warmup_steps, 1))
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+        temperature = temperature_at(step, schedule)
+        with accelerator.autocast():
+            out = model(images, temperature=temperature, generator=generator)
+            g_loss, logs = loss.generator_loss(out, images, step, last_layer=raw_model.last_layer)
+        _stop_if_not_finite(accelerator, g_loss, "generator loss", step, run_dir)
+        accelerator.backward(g_loss)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if loss.discriminator_active(step):
+            logs.update(_discriminator_step(accelerator, loss, disc_optimizer, images, out["recon"], step, tc,
+                                            run_dir))
+        step += 1
+        stats.add(logs, out["tokens"])
+        bar.update(1)
+
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            record = stats.flush(accelerator, step, lr, temperature, grad_norm)
+            bar.set_postfix(rec=f"{record['rec_loss']:.4g}", psnr=f"{record['psnr']:.2f}")
+            _append_log(accelerator, run_dir, record)
+        if tc.sample_every > 0 and (step % tc.sample_every == 0 or step == tc.max_steps) \
+                and accelerator.is_main_process:
+            out_dir = run_dir / "samples"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            recon_grid(raw_model, preview["image"]).save(out_dir / f"step_{step:08d}.png")
+        if step % tc.checkpoint_every == 0 or step == tc.max_steps:
+            _save(accelerator, run_dir, step, cfg, raw_model, optimizer, loss, disc_optimizer)
+    bar.close()
+
+    if accelerator.is_main_process:
+        finish_tokenizer(cfg, raw_model, dataset, val_dataset, progress)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir
+
+
+def finish_tokenizer(cfg: ExperimentConfig, model: GumbelVQVAE, dataset, val_dataset=None,
+                     progress: bool = True) -> GumbelVQVAE:
+    """Count code usage over `dataset`, trim to the codes used at least `tokenizer.trim_min_count` times, save
+    `<run>/tokenizer/`, and log the kept codes (and the trimmed tokenizer's val PSNR) to log.jsonl."""
+    model.eval()
+    loader = image_loader(dataset, cfg.data.batch_size, cfg.data.num_workers)
+    counts = model.codebook_usage(loader, progress=progress)
+    trimmed = model.trim(counts, cfg.tokenizer.trim_min_count).eval()
+    directory = save_tokenizer(trimmed, cfg.run_dir / "tokenizer")
+    record = {"tokenizer": str(directory), "num_kept_codes": trimmed.num_embeddings,
+              "codebook_size": trimmed.codebook_size,
+              "usage_perplexity": float(codebook_perplexity(counts))}
+    if val_dataset is not None:
+        record["val_psnr"] = reconstruction_psnr(trimmed, val_dataset, cfg.data.batch_size, progress)
+    with open(cfg.run_dir / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    log.info("tokenizer %s: %d of %d codes kept%s", directory, trimmed.num_embeddings, trimmed.codebook_size,
+             f", val PSNR {record['val_psnr']:.2f} dB" if "val_psnr" in record else "")
+    return trimmed
+
+
+def _resume(run_dir: Path, resume, cfg, model, optimizer, disc, disc_optimizer, accelerator) -> int:
+    """Load the checkpoint to resume from (if any) into the models and optimizers; returns its step."""
+    checkpoint = _checkpoint_to_resume(run_dir, resume)
+    if checkpoint is None:
+        return 0
+    diffs = architecture_differences(read_config(checkpoint), cfg, ARCHITECTURE_KEYS)
+    if diffs:
+        raise CheckpointError(f"checkpoint {checkpoint} was trained with a different config:\n  " + "\n  ".join(diffs))
+    load_into(model, load_weights(checkpoint / "model.safetensors"), f"{checkpoint}/model.safetensors")
+    optimizers = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(optimizers["model"])
+    state = read_state(checkpoint)
+    if disc is not None:
+        load_into(disc, state["discriminator"], f"{checkpoint}/state.pt discriminator")
+        disc_optimizer.load_state_dict(optimizers["discriminator"])
+    torch.set_rng_state(state["rng_cpu"][accelerator.process_index % len(state["rng_cpu"])])
+    log.info("resumed from %s at step %d", checkpoint, state["step"])
+    return state["step"]
+
+
+def _save(accelerator, run_dir, step, cfg, raw_model, optimizer, loss, disc_optimizer) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        weights = raw_model.state_dict()
+        state = {"rng_cpu": [torch.get_rng_state()]}
+        optimizers = {"model": optimizer.state_dict()}
+        if loss.discriminator is not None:
+            state["discriminator"] = accelerator.unwrap_model(loss.discriminator).state_dict()
+            optimizers["discriminator"] = disc_optimizer.state_dict()
+        save_checkpoint(run_dir, step, cfg, weights, weights, optimizers, state, keep=cfg.train.keep_checkpoints)
+    accelerator.wait_for_everyone()
+
+
+def _discriminator_step(accelerator, loss: VQVAELoss, optimizer, images, recon, step: int, tc, run_dir) -> dict:
+    with accelerator.autocast():
+        d_loss, logs = loss.discriminator_loss(images, recon.detach(), step)
+    _stop_if_not_finite(accelerator, d_loss, "discriminator loss", step, run_dir)
+    optimizer.zero_grad(set_to_none=True)  # the generator step left gradients in the discriminator
+    accelerator.backward(d_loss)
+    if tc.grad_clip > 0:
+        accelerator.clip_grad_norm_(loss.discriminator.parameters(), tc.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return logs
+
+
+def _stop_if_not_finite(accelerator, value: torch.Tensor, what: str, step: int, run_dir: Path) -> None:
+    bad = accelerator.reduce((~torch.isfinite(value.detach().float())).float().reshape(1), reduction="sum")
+    if bad.item() > 0:
+        raise TrainingDiverged(f"{what} is {value.item()} at step {step}; stopping without saving. Last good "
+                               f"checkpoint: {latest_checkpoint(run_dir) or 'none'}. Try a lower train.lr, "
+                               "train.grad_clip, or mixed_precision=no.")
+
+
+def _append_log(accelerator, run_dir: Path, record: dict) -> None:
+    if accelerator.is_main_process:
+        with open(run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class _Stats:
+    """Running means of the loss logs between log lines, and the codes used in that window."""
+
+    def __init__(self, num_codes: int):
+        self.num_codes = num_codes
+        self.reset()
+
+    def reset(self):
+        self.sums: dict[str, float] = {}
+        self.terms: dict[str, int] = {}  # steps that logged each name (the GAN terms start late)
+        self.counts = torch.zeros(self.num_codes, dtype=torch.long)
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, logs: dict, tokens: torch.Tensor):
+        self.steps += 1
+        for name, value in logs.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value)
+            self.terms[name] = self.terms.get(name, 0) + 1
+        self.counts += codebook_counts(tokens.detach(), self.num_codes).cpu()
+
+    def flush(self, accelerator, step: int, lr: float, temperature: float, grad_norm) -> dict:
+        counts = accelerator.reduce(self.counts.to(accelerator.device), reduction="sum").cpu()
+        record = {"step": step, "lr": lr, "temperature": temperature,
+                  "steps_per_s": self.steps / max(time.perf_counter() - self.started, 1e-9)}
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        record.update({name: total / self.terms[name] for name, total in self.sums.items()})
+        # usage: the fraction of codes chosen at least once in this window
+        record.update(perplexity=float(codebook_perplexity(counts)), usage=float((counts > 0).float().mean()))
+        self.reset()
+        return record
