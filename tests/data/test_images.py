@@ -13,15 +13,6 @@ from PIL import Image
 from vqdiff.data.images import CIFAR10, MNIST, ImageFolder, resize_center_crop
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Many small ops run faster on one thread than on two contended ones (the test machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_cifar(root, per_batch=3, seed=0):
     """cifar-10-batches-py/ as in the official archive: pickled dicts with bytes keys, data [N, 3072] uint8."""
     rng = np.random.default_rng(seed)

@@ -7,15 +7,6 @@ import torch
 from vqdiff.data.toy2d import TOY2D_NAMES, Toy2D, sample_toy2d, sliced_wasserstein
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Many small ops run faster on one thread than on two contended ones (the test machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def sklearn_reference(name: str, n: int, rng: np.random.Generator) -> np.ndarray:
     """Noise-free sets written as in scikit-learn's make_s_curve / make_swiss_roll ((x, z) columns) / make_moons."""
     if name == "scurve":

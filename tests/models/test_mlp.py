@@ -7,15 +7,6 @@ import torch.nn.functional as F
 from vqdiff.models.mlp import MLPDenoiser
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Many small ops run faster on one thread than on two contended ones (the test machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("kwargs, out", [(dict(), 2), (dict(out_dim=4), 4), (dict(data_dim=3, num_layers=1), 3)])
 def test_output_shape(kwargs, out):
     model = MLPDenoiser(hidden=32, time_embed_dim=16, **kwargs)

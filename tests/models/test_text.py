@@ -16,15 +16,6 @@ SOT, EOT = 49406, 49407
 PROMPTS = ["a red square left of a blue circle", "", "Two   GREEN triangles!"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small towers: a second thread only adds synchronisation, which is slow on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def encoder():
     torch.manual_seed(0)

@@ -13,15 +13,6 @@ from vqdiff.models.transformer import TRANSFORMER_PRESETS, DiffusionTransformer,
 K, GRID, TEXT_DIM, TEXT_LEN = 11, (3, 4), 12, 7
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second thread only adds synchronisation, which is slow on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**kwargs) -> DiffusionTransformer:
     torch.manual_seed(0)
     config = dict(num_classes=K, grid_size=GRID, width=16, num_layers=2, num_heads=4, text_dim=TEXT_DIM,

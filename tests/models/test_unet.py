@@ -9,15 +9,6 @@ import torch.nn.functional as F
 from vqdiff.models.unet import AttentionBlock, UNet, unet_preset
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Many small ops run faster on one thread than on two contended ones (the test machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SMALL = dict(ch=32, ch_mult=(1, 2), attn_resolutions=(8,), num_res_blocks=1, dropout=0.0, image_size=16)
 
 
