@@ -1,5 +1,6 @@
 """The one place that turns a config into objects: networks, diffusion processes, data sets, tasks."""
 
+import copy
 from pathlib import Path
 
 import torch
@@ -226,6 +227,9 @@ def parameter_counts(cfg: ExperimentConfig, num_classes: int | None = None) -> d
 
     For VQ-Diffusion, K comes from `num_classes`, else the tokenizer at tokenizer.path, else
     tokenizer.num_embeddings; the grid is data.size over the tokenizer's downsampling."""
+    if cfg.model is ModelType.VQ_DIFFUSION and cfg.text.backend == "open_clip":
+        cfg = copy.deepcopy(cfg)
+        cfg.text.weights = "none"  # counting needs the architecture only, not the local weights file
     with torch.device("meta"):
         if cfg.model is ModelType.VQ_DIFFUSION:
             from .models.transformer import parameter_counts as transformer_counts
