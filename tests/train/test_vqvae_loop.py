@@ -18,7 +18,8 @@ from vqdiff.train.vqvae_losses import VQVAELoss
 
 TINY = ["model=vqvae", "data.size=16", "data.batch_size=8", "tokenizer.ch=8", "tokenizer.ch_mult=[1,2]",
         "tokenizer.num_res_blocks=1", "tokenizer.z_channels=8", "tokenizer.embedding_dim=8",
-        "tokenizer.num_embeddings=32", "tokenizer.norm_groups=4", "tokenizer.temperature_steps=40",
+        "tokenizer.num_embeddings=32", "tokenizer.norm_groups=4", "tokenizer.recon=l2",
+        "tokenizer.temperature_decay=constant",
         "train.lr=3e-3", "train.adam_betas=[0.5,0.9]", "train.log_every=5", "train.num_sample_images=4"]
 
 
@@ -54,26 +55,29 @@ def test_learns_and_leaves_a_trimmed_tokenizer(tmp_path):
     run_dir = run(cfg, val=val)
     logs = records(run_dir)
     steps, final = [r for r in logs if "step" in r], logs[-1]
-    # the L1 reconstruction error of the last window is under half that of the first
-    assert steps[-1]["rec_loss"] < 0.5 * steps[0]["rec_loss"], (steps[0]["rec_loss"], steps[-1]["rec_loss"])
-    assert steps[-1]["psnr"] > steps[0]["psnr"] + 3
-    for key in ("kl", "perplexity", "usage", "temperature", "grad_norm"):
+    # the squared error of the last log window is under a tenth of the first (about 0.68 -> 0.04)
+    assert steps[-1]["rec_loss"] < 0.1 * steps[0]["rec_loss"], (steps[0]["rec_loss"], steps[-1]["rec_loss"])
+    for key in ("kl", "perplexity", "usage", "temperature", "grad_norm", "psnr"):
         assert key in steps[-1]
     assert 0 < steps[-1]["usage"] <= 1 and 1 <= steps[-1]["perplexity"] <= 32
     assert (run_dir / "samples" / "step_00000060.png").is_file()
-    # the trimmed tokenizer keeps exactly the codes used over the training data and reconstructs like the model
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     trained = GumbelVQVAE.from_config(tokenizer.config | {"num_kept_codes": None})
     trained.load_state_dict(load_weights(latest_checkpoint(run_dir) / "model.safetensors"))
     trained.eval()
     images = torch.stack([data()[i]["image"] for i in range(64)])
     with torch.no_grad():
+        # the tokens carry each image: their reconstructions beat the best constant image (the pixel mean),
+        # about 0.04 against 0.074, so this is more than the white background
+        recon = tokenizer.decode(tokenizer.encode(images))
+        assert (recon - images).pow(2).mean() < 0.7 * (images - images.mean(0)).pow(2).mean()
+        # the trimmed tokenizer keeps exactly the codes used over the training data and reconstructs the same
         used = trained.encode(images).unique()
         assert torch.equal(tokenizer.code_map, used)
         assert final["num_kept_codes"] == len(used) == tokenizer.num_embeddings
         assert torch.equal(tokenizer.full_codes(tokenizer.encode(images)), trained.encode(images))
-        torch.testing.assert_close(tokenizer.decode(tokenizer.encode(images)), trained.decode(trained.encode(images)))
-    assert final["val_psnr"] > 10
+        torch.testing.assert_close(recon, trained.decode(trained.encode(images)))
+    assert final["val_psnr"] > 15
 
 
 def test_resume_gives_the_same_parameters(tmp_path):

@@ -126,14 +126,8 @@ def train_vqvae(cfg: ExperimentConfig, model: GumbelVQVAE, loss: VQVAELoss, data
             for group in opt.param_groups:
                 group["lr"] = lr
         temperature = temperature_at(step, schedule)
-        with accelerator.autocast():
-            out = model(images, temperature=temperature, generator=generator)
-            g_loss, logs = loss.generator_loss(out, images, step, last_layer=raw_model.last_layer)
-        _stop_if_not_finite(accelerator, g_loss, "generator loss", step, run_dir)
-        accelerator.backward(g_loss)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        out, logs, grad_norm = _generator_step(accelerator, model, raw_model, loss, optimizer, images, temperature,
+                                               generator, step, tc, run_dir)
         if loss.discriminator_active(step):
             logs.update(_discriminator_step(accelerator, loss, disc_optimizer, images, out["recon"], step, tc,
                                             run_dir))
@@ -147,9 +141,8 @@ def train_vqvae(cfg: ExperimentConfig, model: GumbelVQVAE, loss: VQVAELoss, data
             _append_log(accelerator, run_dir, record)
         if tc.sample_every > 0 and (step % tc.sample_every == 0 or step == tc.max_steps) \
                 and accelerator.is_main_process:
-            out_dir = run_dir / "samples"
-            out_dir.mkdir(parents=True, exist_ok=True)
-            recon_grid(raw_model, preview["image"]).save(out_dir / f"step_{step:08d}.png")
+            (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+            recon_grid(raw_model, preview["image"]).save(run_dir / "samples" / f"step_{step:08d}.png")
         if step % tc.checkpoint_every == 0 or step == tc.max_steps:
             _save(accelerator, run_dir, step, cfg, raw_model, optimizer, loss, disc_optimizer)
     bar.close()
@@ -213,6 +206,20 @@ def _save(accelerator, run_dir, step, cfg, raw_model, optimizer, loss, disc_opti
             optimizers["discriminator"] = disc_optimizer.state_dict()
         save_checkpoint(run_dir, step, cfg, weights, weights, optimizers, state, keep=cfg.train.keep_checkpoints)
     accelerator.wait_for_everyone()
+
+
+def _generator_step(accelerator, model, raw_model, loss: VQVAELoss, optimizer, images, temperature: float,
+                    generator, step: int, tc, run_dir):
+    """One VQ-VAE update; returns (the model's forward dict, the loss logs, the gradient norm before clipping)."""
+    with accelerator.autocast():
+        out = model(images, temperature=temperature, generator=generator)
+        g_loss, logs = loss.generator_loss(out, images, step, last_layer=raw_model.last_layer)
+    _stop_if_not_finite(accelerator, g_loss, "generator loss", step, run_dir)
+    accelerator.backward(g_loss)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out, logs, grad_norm
 
 
 def _discriminator_step(accelerator, loss: VQVAELoss, optimizer, images, recon, step: int, tc, run_dir) -> dict:
