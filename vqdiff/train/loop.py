@@ -86,6 +86,16 @@ def default_collate(items: list[dict]) -> dict:
     return batch
 
 
+def make_loader(dataset, cfg: ExperimentConfig, start_step: int, accelerator, collate_fn=None):
+    """Batches for steps [start_step, max_steps), each process its own share (see StepBatchSampler)."""
+    sampler = StepBatchSampler(len(dataset), cfg.data.batch_size, cfg.seed, start_step, cfg.train.max_steps,
+                               accelerator.process_index, accelerator.num_processes)
+    # its own generator: the loader must not draw from the global RNG, or resuming would shift dropout noise
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                                       collate_fn=collate_fn or getattr(dataset, "collate", default_collate),
+                                       generator=torch.Generator().manual_seed(cfg.seed))
+
+
 def step_generator(device, seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 64 + rank)
 
@@ -133,12 +143,7 @@ def train(cfg: ExperimentConfig, task: TrainTask, dataset, resume: "str | None" 
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
 
-    sampler = StepBatchSampler(len(dataset), cfg.data.batch_size, cfg.seed, start_step, tc.max_steps,
-                               accelerator.process_index, accelerator.num_processes)
-    # its own generator: the loader must not draw from the global RNG, or resuming would shift dropout noise
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                                         collate_fn=getattr(dataset, "collate", default_collate),
-                                         generator=torch.Generator().manual_seed(cfg.seed))
+    loader = make_loader(dataset, cfg, start_step, accelerator)
     stats = _Stats(task.num_timesteps)
     bar = tqdm(total=tc.max_steps, initial=start_step, disable=not (progress and accelerator.is_main_process),
                desc=cfg.name, dynamic_ncols=True)

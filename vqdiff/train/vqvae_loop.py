@@ -24,7 +24,7 @@ from ..images import make_grid
 from ..models.vqvae import GumbelVQVAE, TemperatureSchedule, temperature_at
 from .checkpoint import (CheckpointError, architecture_differences, latest_checkpoint, load_into, load_weights,
                          read_config, read_state, save_checkpoint)
-from .loop import StepBatchSampler, TrainingDiverged, _checkpoint_to_resume, _to_device, step_generator
+from .loop import TrainingDiverged, _checkpoint_to_resume, _to_device, make_loader, step_generator
 from .tokenizer_io import save_tokenizer
 from .vqvae_losses import VQVAELoss, codebook_counts, codebook_perplexity, psnr
 
@@ -105,11 +105,7 @@ def train_vqvae(cfg: ExperimentConfig, model: GumbelVQVAE, loss: VQVAELoss, data
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
 
-    sampler = StepBatchSampler(len(dataset), cfg.data.batch_size, cfg.seed, start_step, tc.max_steps,
-                               accelerator.process_index, accelerator.num_processes)
-    # its own generator: the loader must not draw from the global RNG, or resuming would shift dropout noise
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                                         collate_fn=image_collate, generator=torch.Generator().manual_seed(cfg.seed))
+    loader = make_loader(dataset, cfg, start_step, accelerator, image_collate)
     shown = val_dataset if val_dataset is not None else dataset
     preview = image_collate([shown[i] for i in range(min(tc.num_sample_images, len(shown)))])
     schedule = temperature_schedule(cfg)
