@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     captions = [data.caption(i) for i in range(len(data))]
     result = {
         "tokenizer": args.tokenizer, "images": len(data), "codes": tokenizer.num_embeddings,
-        "tokens": list(tokenizer.encode(originals[:1].to(args.device)).shape[1:]),
+        "token_grid": "x".join(map(str, tokenizer.encode(originals[:1].to(args.device)).shape[1:])),
         "psnr": float(psnr(recons, originals)),
         "shapes_accuracy_recon": evaluate(list(recons), captions).groups["all"]["image"],
         "shapes_accuracy_original": evaluate(list(originals), captions).groups["all"]["image"],

@@ -143,3 +143,15 @@ def test_tokenizer_round_trip_and_clear_errors(tmp_path):
     (tmp_path / "tok" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         load_tokenizer(tmp_path / "tok")
+
+
+def test_configs_build_the_intended_architectures():
+    from vqdiff.models.vqvae import GUMBEL_F8_CONFIG
+    with torch.device("meta"):
+        f8 = build.build_tokenizer(load_config("configs/vqvae_f8_gumbel.yaml"))
+        published = GumbelVQVAE.from_config(GUMBEL_F8_CONFIG)
+        shapes = build.build_tokenizer(load_config("configs/vqvae_shapes.yaml"))
+    # same names and shapes as the published f8 model, so converted taming weights load
+    assert {k: v.shape for k, v in f8.state_dict().items()} == {k: v.shape for k, v in published.state_dict().items()}
+    assert f8.downsample_factor == 8 and f8.codebook_size == 8192
+    assert shapes.config["resolution"] // shapes.downsample_factor == 16 and shapes.codebook_size == 512

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..config import ExperimentConfig, save_config
 from ..images import make_grid
-from ..models.vqvae import GumbelVQVAE, TemperatureSchedule, temperature_at
+from ..models.vqvae import GumbelVQVAE, TemperatureSchedule, batch_images, temperature_at
 from .checkpoint import (CheckpointError, architecture_differences, latest_checkpoint, load_into, load_weights,
                          read_config, read_state, save_checkpoint)
 from .loop import TrainingDiverged, _checkpoint_to_resume, _to_device, make_loader, step_generator
@@ -42,8 +42,9 @@ def temperature_schedule(cfg: ExperimentConfig) -> TemperatureSchedule:
 
 
 def image_collate(items) -> dict:
-    """Batches only the images ({"image": [B, C, H, W]}): captions, labels and shapes' objects are not needed."""
-    return {"image": torch.stack([item["image"] if isinstance(item, dict) else item for item in items])}
+    """Batches only the images ({"image": [B, C, H, W]}) of dict items, (image, ...) tuples or bare tensors:
+    captions, labels and shapes' objects are not needed."""
+    return {"image": torch.stack([batch_images(item, "image") for item in items])}
 
 
 def image_loader(dataset, batch_size: int, num_workers: int = 0) -> torch.utils.data.DataLoader:
