@@ -1,44 +1,67 @@
 """Sampling speed of VQ-Diffusion at PERFORMANCE.md's fixed configs (random weights, text a fixed random
 [B, 77, 512] tensor, no CLIP and no VQ decoder in the timing).
 
-    python scripts/bench_sample.py [--configs tiny small] [--steps 10] [--device cuda --dtype bfloat16]
+    python scripts/bench_sample.py                                   # CPU: tiny and small, batch 4
+    python scripts/bench_sample.py --configs B --dtype bfloat16 --runs 25 100            # GPU, B, batch 16
+    python scripts/bench_sample.py --configs shapes S256 --batch 1 8 32 --runs 25 50 100
 
-Per config: ms per sampling step (network + diffusion math), the network alone, their difference (the
-math), a step with truncation r = 0.86, a guided step (one 2B call), and images/s for a 10-step run.
+Per config and batch: ms per sampling step (network + diffusion math), the network alone, their
+difference (the math), a step with truncation r = 0.86, a guided step (scale 3, r = 0.86, one 2B call),
+and images/s of whole ancestral runs (no truncation, no guidance, as PERFORMANCE.md's anchors) at each of
+`--runs` step counts, with
+the peak memory (CUDA max allocated; the process's peak RSS on a CPU). `--dtype bfloat16` runs under
+autocast with float32 weights (as PERFORMANCE.md's anchors), `--dtype bf16-weights` casts the network.
 """
 
 import argparse
+import resource
 import time
 
 import torch
 
 from vqdiff.diffusion.discrete import MaskAndReplaceDiffusion
-from vqdiff.models.transformer import DiffusionTransformer
+from vqdiff.models.transformer import TRANSFORMER_PRESETS, DiffusionTransformer
 
-CONFIGS = {  # layers, width, heads, grid side, K (without [MASK]), batch
+CONFIGS = {  # layers, width, heads, grid side, K (without [MASK]), default batch
     "tiny": (4, 256, 8, 16, 1024, 4),
     "small": (4, 256, 8, 32, 2887, 4),
     "B": (19, 1024, 16, 32, 2887, 16),
+    "shapes": (4, 256, 8, 16, 512, 8),  # configs/shapes.yaml's network (K depends on the trimmed tokenizer)
+    "S256": (*TRANSFORMER_PRESETS["S"].values(), 32, 2887, 8),  # the S preset at 256 px
 }
 
 
 def clock(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     start = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     return time.perf_counter() - start
 
 
-def bench(name: str, steps: int, device, dtype) -> str:
-    layers, width, heads, side, K, batch = CONFIGS[name]
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def bench(name: str, batch: int, steps: int, runs: list[int], device, dtype: str, compile_mode: str | None) -> str:
+    layers, width, heads, side, K, _ = CONFIGS[name]
     torch.manual_seed(0)
     model = DiffusionTransformer(K, width, layers, heads, grid_size=(side, side), text_dim=512,
                                  null_text_embedding=True).to(device).eval()
+    if dtype == "bf16-weights":
+        model = model.to(torch.bfloat16)
+    if compile_mode:  # one graph per batch size (the guided call is 2B)
+        torch._dynamo.config.automatic_dynamic_shapes = False
+        model.forward = torch.compile(model.forward, mode=compile_mode)
     diffusion = MaskAndReplaceDiffusion(K, 100)
-    text = torch.randn(batch, 77, 512, device=device)
+    text = torch.randn(batch, 77, 512, device=device, dtype=next(model.parameters()).dtype)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     N = side * side
     with torch.no_grad(), autocast:
@@ -47,35 +70,47 @@ def bench(name: str, steps: int, device, dtype) -> str:
         x = torch.randint(0, K + 1, (batch, N), device=device)
         t = torch.full((batch,), 50, device=device)
 
-        def run(**options):
-            diffusion.sample(model, batch, N, cond=cond, steps=steps, progress=False, device=device, **options)
+        def run(n=steps, **options):
+            diffusion.sample(model, batch, N, cond=cond, steps=n, progress=False, device=device, **options)
 
-        run()  # warm-up
+        run()  # warm-up (and compilation)
+        run(truncation_rate=0.86, guidance_scale=3.0, null_cond=null)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         net = clock(lambda: [model(x, t, **cond) for _ in range(steps)], device) / steps
         step = clock(run, device) / steps
         truncated = clock(lambda: run(truncation_rate=0.86), device) / steps
         guided = clock(lambda: run(truncation_rate=0.86, guidance_scale=3.0, null_cond=null), device) / steps
+        rates = [batch / clock(lambda: run(n), device) for n in runs]
     math = step - net
-    return (f"| {name} | {batch} | {step * 1e3:.0f} | {net * 1e3:.0f} | {math * 1e3:.0f} ({100 * math / step:.0f}%) "
-            f"| {truncated * 1e3:.0f} | {guided * 1e3:.0f} | {batch / (10 * truncated):.2f} |")
+    return (f"| {name} | {batch} | {step * 1e3:.1f} | {net * 1e3:.1f} | {math * 1e3:.1f} ({100 * math / step:.0f}%) "
+            f"| {truncated * 1e3:.1f} | {guided * 1e3:.1f} | " + " | ".join(f"{r:.2f}" for r in rates)
+            + f" | {peak_memory_gib(device):.2f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=["tiny", "small"], choices=sorted(CONFIGS))
-    parser.add_argument("--steps", type=int, default=10, help="sampling steps timed per measurement")
+    parser.add_argument("--configs", nargs="+", default=["tiny", "small"], choices=list(CONFIGS))
+    parser.add_argument("--batch", nargs="+", type=int, default=None, help="batch sizes (default: the config's)")
+    parser.add_argument("--steps", type=int, default=10, help="sampling steps timed per per-step measurement")
+    parser.add_argument("--runs", nargs="*", type=int, default=[10], help="step counts of the timed whole runs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "bf16-weights"), default="float32")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                        help="torch.compile the network's forward (MODE: default, reduce-overhead = CUDA graphs)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"{device} {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| config | batch | step ms | network ms | math ms | truncation r=0.86 ms/step | guided ms/step "
-          "| 10-step img/s |\n|---|---|---|---|---|---|---|---|")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# {where}, {args.dtype}{f', compiled ({args.compile})' if args.compile else ''}, torch {torch.__version__}")
+    print("| config | batch | step ms | network ms | math ms | truncation r=0.86 ms/step | guided ms/step | "
+          + " | ".join(f"{n}-step img/s" for n in args.runs) + " | peak GiB |")
+    print("|---" * (8 + len(args.runs)) + "|")
     for name in args.configs:
-        print(bench(name, args.steps, device, args.dtype), flush=True)
+        for batch in args.batch or [CONFIGS[name][-1]]:
+            print(bench(name, batch, args.steps, args.runs, device, args.dtype, args.compile), flush=True)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,8 @@ def test_train_resume_and_sample(tmp_path, tokenizer_dir):
     assert cli.main(["sample", prompts[0], "--model", str(saved), "--n", "2", "--steps", "3",
                      "--out", str(out), "--gif", str(tmp_path / "p.gif")]) == 0
     assert out.stat().st_size > 0 and (tmp_path / "p.gif").stat().st_size > 0
+    assert cli.main(["sample", prompts[0], "--model", str(saved), "--steps", "3", "--guidance", "2",
+                     "--dtype", "bfloat16", "--out", str(tmp_path / "bf16.png")]) == 0  # a bfloat16 transformer
     images[0].save(tmp_path / "init.png")
     mask = images[0].convert("L").point(lambda v: 0)
     mask.paste(255, (0, 0, 16, 32))  # regenerate the left half

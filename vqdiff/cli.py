@@ -8,6 +8,7 @@ from pathlib import Path
 from .config import ConfigError, ModelType, load_config
 
 log = logging.getLogger("vqdiff")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _setup_logging() -> None:
@@ -77,6 +78,10 @@ def sample_command(argv: list[str]) -> None:
     parser.add_argument("--strategy", choices=("ancestral", "purity"), default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="cast the transformer (e.g. bfloat16 on a GPU); default float32")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                        help="torch.compile the transformer (GPU; MODE reduce-overhead adds CUDA graphs)")
     parser.add_argument("--out", default="samples.png", help="grid PNG with each prompt under its images")
     parser.add_argument("--gif", default=None, help="also write the unmasking progress as an animation")
     parser.add_argument("--init-image", default=None, help="inpainting: the image to start from")
@@ -94,7 +99,10 @@ def sample_command(argv: list[str]) -> None:
     if (args.init_image is None) != (args.mask is None):
         raise ConfigError("inpainting needs both --init-image and --mask")
     prompts = [p for p in prompts for _ in range(args.n)]
-    pipe = TextToImagePipeline.from_pretrained(args.model, device=args.device)
+    pipe = TextToImagePipeline.from_pretrained(args.model, device=args.device,
+                                               dtype=getattr(torch, args.dtype) if args.dtype else None)
+    if args.compile:
+        pipe.compile(args.compile)
     options = dict(steps=args.steps, guidance_scale=args.guidance, truncation_rate=args.truncation,
                    temperature=args.temperature, strategy=args.strategy)
     generator = torch.Generator(args.device).manual_seed(args.seed)
@@ -127,6 +135,7 @@ def eval_shapes_command(argv: list[str]) -> dict:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="cast the transformer (see vqdiff sample)")
     parser.add_argument("--grid", default=None, help="PNG of the first 48 prompts and outputs, wrong objects outlined")
     parser.add_argument("--json", default=None, help="write the report as JSON")
     args = parser.parse_intermixed_args(argv)
@@ -137,7 +146,8 @@ def eval_shapes_command(argv: list[str]) -> dict:
     from .data.shapes import eval_prompts
     from .eval.shapes import evaluate, make_grid
     from .pipeline import TextToImagePipeline
-    pipe = TextToImagePipeline.from_pretrained(args.checkpoint, device=args.device)
+    pipe = TextToImagePipeline.from_pretrained(args.checkpoint, device=args.device,
+                                               dtype=getattr(torch, args.dtype) if args.dtype else None)
     max_objects = args.max_objects or pipe.cfg.data.max_objects
     prompts = [c for split in args.splits.split(",") for c, _ in eval_prompts(split.strip(), args.n, seed=1000,
                                                                              max_objects=max_objects)]

@@ -27,6 +27,11 @@ class ModelType(str, enum.Enum):
     VQVAE = "vqvae"        # the Gumbel VQ-VAE tokenizer itself
 
 
+class LRSchedule(str, enum.Enum):
+    CONSTANT = "constant"
+    COSINE = "cosine"      # from train.lr at the end of the warm-up to 0 at train.max_steps
+
+
 class Network(str, enum.Enum):
     UNET = "unet"
     MLP = "mlp"
@@ -153,6 +158,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
+    lr_schedule: LRSchedule = LRSchedule.CONSTANT  # after the linear warm-up
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     ema_every: int = 1

@@ -115,21 +115,34 @@ class TextToImagePipeline:
     def device(self):
         return next(self.model.parameters()).device
 
-    def to(self, device) -> "TextToImagePipeline":
+    def to(self, device, dtype: torch.dtype | None = None) -> "TextToImagePipeline":
+        """Move every part to `device`; `dtype` (e.g. torch.bfloat16 on a GPU) casts the DiffusionTransformer
+        only: the text encoder and the tokenizer stay float32, the logits are float32 either way."""
         self.tokenizer.to(device)
         self.model.to(device)
+        if dtype is not None:
+            self.model.network.to(dtype)
+        return self
+
+    def compile(self, mode: str | None = None) -> "TextToImagePipeline":
+        """torch.compile the DiffusionTransformer's forward (GPUs: fuses its elementwise ops, ~13% faster for
+        the B preset on an H200; the first call of each batch size compiles for a minute). mode
+        "reduce-overhead" adds CUDA graphs, for small models and batches whose steps are launch-bound."""
+        network = self.model.network
+        network.forward = torch.compile(network.forward, mode=mode)
         return self
 
     # ---- loading and saving ----------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu") -> "TextToImagePipeline":
-        """A directory written by save_pretrained, or a training run / checkpoint (its EMA weights)."""
+    def from_pretrained(cls, path, device="cpu", dtype: torch.dtype | None = None) -> "TextToImagePipeline":
+        """A directory written by save_pretrained, or a training run / checkpoint (its EMA weights); see `to`
+        for dtype."""
         path = Path(path)
         if (path / "transformer.safetensors").is_file():
-            return cls._from_pipeline_dir(path).to(device)
+            return cls._from_pipeline_dir(path).to(device, dtype)
         if (path / "pipeline" / "transformer.safetensors").is_file():
-            return cls._from_pipeline_dir(path / "pipeline").to(device)
+            return cls._from_pipeline_dir(path / "pipeline").to(device, dtype)
         checkpoint = resolve_checkpoint(path)
         cfg = read_config(checkpoint)
         if cfg.model is not ModelType.VQ_DIFFUSION:
@@ -137,7 +150,8 @@ class TextToImagePipeline:
         tokenizer = build.load_configured_tokenizer(cfg)
         model = build.build_vq_model(cfg, tokenizer.num_embeddings, build.token_grid(cfg, tokenizer))
         load_into(model, load_weights(checkpoint / "ema.safetensors"), f"{checkpoint}/ema.safetensors")
-        return cls(cfg, tokenizer, model, build.build_discrete_diffusion(cfg, tokenizer.num_embeddings)).to(device)
+        return cls(cfg, tokenizer, model, build.build_discrete_diffusion(cfg, tokenizer.num_embeddings)).to(device,
+                                                                                                         dtype)
 
     @classmethod
     def _from_pipeline_dir(cls, path: Path) -> "TextToImagePipeline":
@@ -184,15 +198,16 @@ class TextToImagePipeline:
     def conditions(self, prompts: list[str], guidance_scale: float) -> tuple[dict, dict | None]:
         """Cached cross-attention inputs for the prompts and, when guiding, for the null condition."""
         network = self.model.network
+        dtype = next(network.parameters()).dtype
         text, mask = self.model.encode_text(prompts)
-        cond = network.cache_text(text, mask)
+        cond = network.cache_text(text.to(dtype), mask)
         if guidance_scale == 1.0:
             return cond, None
         if network.empty_text_embed is not None:
             null_text, null_mask = network.null_text(len(prompts))
         else:
             null_text, null_mask = self.model.encode_text([""] * len(prompts))
-        return cond, network.cache_text(null_text, null_mask)
+        return cond, network.cache_text(null_text.to(dtype), null_mask)
 
     @torch.no_grad()
     def sample_iter(self, prompts, generator=None, progress: bool = True, known_tokens=None, known_mask=None,

@@ -1,6 +1,7 @@
 """The training loop on a tiny regression task: exact resume, NaN handling, checkpoint safety."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -104,3 +105,24 @@ def test_batches_shard_across_processes_and_epochs():
     assert list(StepBatchSampler(10, 2, seed=1, start=7, stop=10)) == one[7:]
     with pytest.raises(ValueError, match="fewer than one global batch"):
         StepBatchSampler(3, 2, seed=0, start=0, stop=1, world_size=2)
+
+
+def test_learning_rate_warmup_then_constant_or_cosine():
+    from vqdiff.config import LRSchedule, TrainConfig
+    from vqdiff.train.loop import learning_rate
+    constant = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110)
+    assert learning_rate(constant, 0) == pytest.approx(0.1)
+    assert learning_rate(constant, 9) == pytest.approx(1.0)
+    assert learning_rate(constant, 100) == 1.0
+    cosine = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, lr_schedule=LRSchedule.COSINE)
+    assert learning_rate(cosine, 4) == pytest.approx(0.5)  # the warm-up is shared
+    assert learning_rate(cosine, 10) == pytest.approx(1.0)
+    assert learning_rate(cosine, 60) == pytest.approx(0.5)  # half way: cos(pi / 2) = 0
+    assert learning_rate(cosine, 85) == pytest.approx(0.5 * (1 + math.cos(0.75 * math.pi)))
+    assert learning_rate(cosine, 110) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_lr_schedule_rejects_unknown_names():
+    from vqdiff.config import ConfigError, ExperimentConfig, from_dict
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        from_dict(ExperimentConfig, {"train": {"lr_schedule": "linear"}})

@@ -85,6 +85,10 @@ class X0Distribution:
         logits = cond.float() if null is None else torch.lerp(null.float(), cond.float(), self.guidance_scale)
         return logits if self.inverse_temperature == 1.0 else logits * self.inverse_temperature
 
+    def scaled(self) -> torch.Tensor:
+        """The guided, tempered logits `[B, K, N]` of every token (float32, before truncation)."""
+        return self._scaled(self.cond_logits, self.null_logits)
+
     def _statistics(self, rows: torch.Tensor):
         """Log-normaliser and largest probability `[R]` at ascending flat token indices `rows` (b * N + n):
         from the columns of those tokens when they are few, else from one pass over everything."""
@@ -194,16 +198,47 @@ def _batch_chunks(x: torch.Tensor, max_elements: int = 1 << 22):
     return [slice(i, i + step) for i in range(0, x.shape[0], step)]
 
 
-def ancestral_step(diffusion, x0_dist: X0Distribution, xt: torch.Tensor, t: int, s: int,
+def ancestral_step(diffusion, x0_dist: "X0Distribution", xt: torch.Tensor, t: int, s: int,
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """x_s ~ sum_x0 q(x_s | x_t, x0) p(x0 | x_t) for every token, -1 <= s < t (s = -1: x_0)."""
     K = diffusion.num_classes
-    t_vec = torch.full((xt.shape[0],), t, dtype=torch.long, device=xt.device)
-    masked = xt == K
-    content = (~masked).flatten().nonzero().squeeze(1)
+    content = (xt != K).flatten().nonzero().squeeze(1)
     p_xt = torch.zeros(xt.numel(), device=xt.device)
     p_xt[content] = x0_dist.prob_at(content, xt.flatten()[content])
-    mix = diffusion.posterior_mixture(xt, t_vec, torch.full_like(t_vec, s), p_xt.view(xt.shape))
+    out, from_model = _mixture_draw(diffusion, xt, t, s, p_xt.view(xt.shape), generator)
+    drawn = from_model.flatten().nonzero().squeeze(1)
+    out.view(-1)[drawn] = x0_dist.draw(drawn, generator)
+    return out
+
+
+def dense_ancestral_step(diffusion, x0_dist: "X0Distribution", xt: torch.Tensor, t: int, s: int,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """`ancestral_step` for GPUs, without truncation: p(x0 | x_t) of every token in one pass over
+    [B, K, N] and a draw for every token by inverse CDF, used where the mixture picks the model. Nothing
+    waits for the GPU, so the CPU queues the step while the network still runs; the sparse step's
+    nonzero() calls would wait and then issue ~50 small kernels to an idle GPU."""
+    K = diffusion.num_classes
+    masked = xt == K
+    exps, _ = shifted_exp(x0_dist.scaled(), dim=1)  # [B, K, N], largest class 1
+    at_xt = exps.gather(1, xt.masked_fill(masked, 0).unsqueeze(1)).squeeze(1)
+    cdf = exps.cumsum_(dim=1)
+    total = cdf[:, -1]  # [B, N]
+    p_xt = torch.where(masked, 0.0, at_xt / total)
+    out, from_model = _mixture_draw(diffusion, xt, t, s, p_xt, generator)
+    u = torch.rand(total.shape, generator=generator, device=xt.device, dtype=total.dtype)
+    target = torch.minimum(u * total, total * (1 - 2.0 ** -23)).unsqueeze(1)  # strictly below the total
+    x0 = (cdf <= target).sum(dim=1).clamp_(max=K - 1)  # searchsorted(cdf, target, right=True)
+    return torch.where(from_model, x0, out)
+
+
+def _mixture_draw(diffusion, xt: torch.Tensor, t: int, s: int, p_xt: torch.Tensor,
+                  generator: torch.Generator | None):
+    """Draw each token's component of the posterior mixture given p(x0 = x_t) `[B, N]`: returns x_s where the
+    component is uniform, [MASK] or keep, and a mask `[B, N]` of the tokens to draw from the model."""
+    K = diffusion.num_classes
+    t_vec = torch.full((xt.shape[0],), t, dtype=torch.long, device=xt.device)
+    masked = xt == K
+    mix = diffusion.posterior_mixture(xt, t_vec, torch.full_like(t_vec, s), p_xt)
     # Regions of u in order: uniform, [MASK], model, keep. A masked token's model region runs to 1 and a
     # content token's keep region too, so rounding never leaves a [MASK] where it has weight 0.
     u = torch.rand(xt.shape, generator=generator, device=xt.device, dtype=torch.float64)
@@ -212,9 +247,7 @@ def ancestral_step(diffusion, x0_dist: X0Distribution, xt: torch.Tensor, t: int,
     end_model = torch.where(masked, 2.0, end_mask + mix.model)
     out = torch.where(u < end_uniform, torch.randint(K, xt.shape, generator=generator, device=xt.device), xt)
     out = out.masked_fill((u >= end_uniform) & (u < end_mask), K)
-    drawn = ((u >= end_mask) & (u < end_model)).flatten().nonzero().squeeze(1)
-    out.view(-1)[drawn] = x0_dist.draw(drawn, generator)
-    return out
+    return out, (u >= end_mask) & (u < end_model)
 
 
 def purity_step(x0_dist: X0Distribution, xt: torch.Tensor, mask_id: int, keep_masked: torch.Tensor,
@@ -272,10 +305,16 @@ def sample_iter(diffusion, model, batch_size: int, num_tokens: int, cond: dict |
             xt = purity_step(x0_dist, xt, diffusion.mask_id, torch.round(initial_masked * share).long(),
                              generator)
         else:
-            xt = ancestral_step(diffusion, x0_dist, xt, t, s, generator)
+            step = dense_ancestral_step if _dense(device, truncation_rate) else ancestral_step
+            xt = step(diffusion, x0_dist, xt, t, s, generator)
         if known is not None:
             xt = torch.where(known[1], known[0], xt)
         yield xt
+
+
+def _dense(device: torch.device, truncation_rate: float) -> bool:
+    """Whether ancestral steps read every token's row (`dense_ancestral_step`): on GPUs, without truncation."""
+    return device.type != "cpu" and truncation_rate >= 1.0
 
 
 def _check_options(truncation_rate, temperature, guidance_scale, null_cond) -> None:

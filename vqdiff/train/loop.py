@@ -19,7 +19,7 @@ from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import ExperimentConfig, save_config
+from ..config import ExperimentConfig, LRSchedule, TrainConfig, save_config
 from .checkpoint import (CheckpointError, architecture_differences, latest_checkpoint, load_into, load_weights,
                          read_config, read_state, resolve_checkpoint, save_checkpoint)
 from .ema import EMA
@@ -96,6 +96,15 @@ def make_loader(dataset, cfg: ExperimentConfig, start_step: int, accelerator, co
                                        generator=torch.Generator().manual_seed(cfg.seed))
 
 
+def learning_rate(tc: TrainConfig, step: int) -> float:
+    """train.lr after a linear warm-up over train.warmup_steps, constant or cosine-decayed to 0 at max_steps."""
+    warmup = min(1.0, (step + 1) / max(tc.warmup_steps, 1))
+    if tc.lr_schedule is LRSchedule.CONSTANT or step < tc.warmup_steps:
+        return tc.lr * warmup
+    progress = min(1.0, (step - tc.warmup_steps) / max(tc.max_steps - tc.warmup_steps, 1))
+    return tc.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def step_generator(device, seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 64 + rank)
 
@@ -154,7 +163,7 @@ def train(cfg: ExperimentConfig, task: TrainTask, dataset, resume: "str | None" 
         batch_size = _batch_size(batch)
         t, weights = task.time_sampler.sample(batch_size, device, generator=generator)
         for group in optimizer.param_groups:
-            group["lr"] = tc.lr * min(1.0, (step + 1) / max(tc.warmup_steps, 1))
+            group["lr"] = learning_rate(tc, step)
         with accelerator.autocast():
             terms = task.losses(model, batch, t, generator)
         per_sample = terms["loss"].float()

@@ -24,7 +24,8 @@ from ..images import make_grid
 from ..models.vqvae import GumbelVQVAE, TemperatureSchedule, batch_images, temperature_at
 from .checkpoint import (CheckpointError, architecture_differences, latest_checkpoint, load_into, load_weights,
                          read_config, read_state, save_checkpoint)
-from .loop import TrainingDiverged, _checkpoint_to_resume, _to_device, make_loader, step_generator
+from .loop import (TrainingDiverged, _checkpoint_to_resume, _to_device, learning_rate, make_loader,
+                   step_generator)
 from .tokenizer_io import save_tokenizer
 from .vqvae_losses import VQVAELoss, codebook_counts, codebook_perplexity, psnr
 
@@ -86,7 +87,8 @@ def train_vqvae(cfg: ExperimentConfig, model: GumbelVQVAE, loss: VQVAELoss, data
     supplies the reconstruction grids and the final PSNR of the trimmed tokenizer."""
     tc = cfg.train
     run_dir = cfg.run_dir
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision)
+    # cpu=True without CUDA: several processes then run as gloo MULTI_CPU, as in the diffusion trainer
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=not torch.cuda.is_available())
     device = accelerator.device
     betas = tuple(tc.adam_betas)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=betas, weight_decay=tc.weight_decay)
@@ -118,7 +120,7 @@ def train_vqvae(cfg: ExperimentConfig, model: GumbelVQVAE, loss: VQVAELoss, data
     for batch in loader:
         images = _to_device(batch, device)["image"]
         generator = step_generator(device, cfg.seed, step, accelerator.process_index)
-        lr = tc.lr * min(1.0, (step + 1) / max(tc.warmup_steps, 1))
+        lr = learning_rate(tc, step)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
