@@ -233,10 +233,12 @@ def parameter_counts(cfg: ExperimentConfig, num_classes: int | None = None) -> d
     with torch.device("meta"):
         if cfg.model is ModelType.VQ_DIFFUSION:
             from .models.transformer import parameter_counts as transformer_counts
-            if num_classes is None and cfg.tokenizer.path is not None and Path(cfg.tokenizer.path).exists():
-                num_classes = load_configured_tokenizer(cfg).num_embeddings
-            side = cfg.data.size // 2 ** (len(cfg.tokenizer.ch_mult) - 1)
-            model = build_vq_model(cfg, num_classes or cfg.tokenizer.num_embeddings, (side, side))
+            side = cfg.data.size // 2 ** (len(cfg.tokenizer.ch_mult) - 1)  # before the tokenizer exists
+            grid = (side, side)
+            if cfg.tokenizer.path is not None and Path(cfg.tokenizer.path).exists():
+                tokenizer = load_configured_tokenizer(cfg)
+                num_classes, grid = num_classes or tokenizer.num_embeddings, token_grid(cfg, tokenizer)
+            model = build_vq_model(cfg, num_classes or cfg.tokenizer.num_embeddings, grid)
             counts = {f"transformer.{k}": v for k, v in transformer_counts(model.network).items()}
             counts["text_encoder"] = count_parameters(model.text_encoder)
             return counts

@@ -95,6 +95,9 @@ class TokenizerConfig:
     temperature_steps: int = 5000
     temperature_decay: str = "exponential"  # constant | linear | exponential | cosine
     recon: str = "l1"                # l1 | l2
+    # the last N training steps train the decoder alone on the argmax codes that encoding will give (the
+    # Gumbel samples of training differ from them, most at a high temperature); encoder and codebook frozen
+    decoder_finetune_steps: int = 0
     codebook_weight: float = 1.0
     disc_weight: float = 0.0         # > 0 turns on the PatchGAN discriminator
     disc_start: int = 0

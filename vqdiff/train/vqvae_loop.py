@@ -75,6 +75,13 @@ def reconstruction_psnr(model: GumbelVQVAE, dataset, batch_size: int = 64, progr
     return total / count
 
 
+def freeze_encoder(model: GumbelVQVAE) -> None:
+    """Encoder, quant_conv and quantizer in eval mode (argmax codes, no Gumbel noise) without gradients, so
+    training steps fit the decoder to the codes that encoding gives."""
+    for module in (model.encoder, model.quant_conv, model.quantize):
+        module.eval().requires_grad_(False)
+
+
 def recon_grid(model: GumbelVQVAE, images: torch.Tensor):
     """A PIL picture: the inputs in the first row, their reconstructions below."""
     return make_grid(list(images) + list(reconstruct(model, images)), nrow=len(images))
@@ -125,6 +132,8 @@ def train_vqvae(cfg: ExperimentConfig, model: GumbelVQVAE, loss: VQVAELoss, data
             for group in opt.param_groups:
                 group["lr"] = lr
         temperature = temperature_at(step, schedule)
+        if step >= tc.max_steps - cfg.tokenizer.decoder_finetune_steps:
+            freeze_encoder(raw_model)  # every step: reconstruct() puts the modules back into training mode
         out, logs, grad_norm = _generator_step(accelerator, model, raw_model, loss, optimizer, images, temperature,
                                                generator, step, tc, run_dir)
         if loss.discriminator_active(step):

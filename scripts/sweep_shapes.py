@@ -1,0 +1,79 @@
+"""Shapes-metric sweeps of a trained text-to-image model, printed as markdown tables.
+
+    python scripts/sweep_shapes.py --checkpoint outputs/shapes --table strategies --n 50
+    python scripts/sweep_shapes.py --checkpoint outputs/shapes --table guidance --n 100
+    python scripts/sweep_shapes.py --checkpoint outputs/shapes --table truncation --n 100
+
+strategies: ancestral and purity, unguided and with the config's guidance scale, at 10/25/50/100 steps.
+guidance: scales 1, 2, 3, 5 at 25 steps; truncation: rates 1, 0.95, 0.86, 0.7 at 25 steps (the config's
+other options). Every cell samples the same `--n` val and `--n` held-out prompts with the same seed and
+reports per-image all-attribute accuracy (one-object, two-object, seen, held-out) and images/s.
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+from vqdiff.data.shapes import eval_prompts
+from vqdiff.eval.shapes import evaluate
+from vqdiff.pipeline import TextToImagePipeline
+
+GROUPS = ("1 object", "2 objects", "seen", "held-out")
+
+
+def cells(table: str, guidance: float) -> list[dict]:
+    if table == "strategies":
+        return [dict(strategy=s, guidance_scale=g, steps=n) for s in ("ancestral", "purity")
+                for g in (1.0, guidance) for n in (10, 25, 50, 100)]
+    if table == "guidance":
+        return [dict(guidance_scale=g, steps=25) for g in (1.0, 2.0, 3.0, 5.0)]
+    return [dict(truncation_rate=r, steps=25) for r in (1.0, 0.95, 0.86, 0.7)]
+
+
+def run_cell(pipe, prompts: list[str], options: dict, batch_size: int, seed: int) -> dict:
+    generator = torch.Generator(pipe.device).manual_seed(seed)
+    images, started = [], time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        images += pipe(prompts[i:i + batch_size], generator, progress=False, **options)
+    seconds = time.perf_counter() - started
+    groups = evaluate(images, prompts).groups
+    accuracy = {name: groups[name]["image"] if name in groups else None for name in GROUPS}
+    return {"options": pipe._options(**options), "accuracy": accuracy, "images_per_s": len(images) / seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoint or pipeline directory")
+    parser.add_argument("--table", choices=("strategies", "guidance", "truncation"), required=True)
+    parser.add_argument("--n", type=int, default=50, help="prompts per split (val and held-out)")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args()
+    pipe = TextToImagePipeline.from_pretrained(args.checkpoint, device=args.device)
+    max_objects = pipe.cfg.data.max_objects
+    prompts = [c for split in ("val", "heldout") for c, _ in eval_prompts(split, args.n, seed=1000,
+                                                                          max_objects=max_objects)]
+    guidance = pipe.cfg.sample.guidance_scale if pipe.cfg.sample.guidance_scale != 1.0 else 3.0
+    print(f"# {args.checkpoint}: {len(prompts)} prompts per cell ({args.n} val + {args.n} held-out), "
+          f"per-image all-attribute accuracy in %")
+    print("| strategy | steps | guidance | truncation | " + " | ".join(GROUPS) + " | img/s |")
+    print("|---" * (5 + len(GROUPS)) + "|")
+    rows = []
+    for options in cells(args.table, guidance):
+        row = run_cell(pipe, prompts, options, args.batch_size, args.seed)
+        rows.append(row)
+        o = row["options"]
+        accuracy = " | ".join("-" if v is None else f"{100 * v:.1f}" for v in row["accuracy"].values())
+        print(f"| {o['strategy']} | {o['steps']} | {o['guidance_scale']:g} | {o['truncation_rate']:g} | {accuracy} "
+              f"| {row['images_per_s']:.2f} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
