@@ -23,13 +23,15 @@ from vqdiff.pipeline import TextToImagePipeline
 GROUPS = ("1 object", "2 objects", "seen", "held-out")
 
 
-def cells(table: str, guidance: float) -> list[dict]:
+def cells(table: str, guidance: float, num_timesteps: int) -> list[dict]:
+    """The options of each row; step counts are capped at the model's T."""
     if table == "strategies":
-        return [dict(strategy=s, guidance_scale=g, steps=n) for s in ("ancestral", "purity")
+        return [dict(strategy=s, guidance_scale=g, steps=min(n, num_timesteps)) for s in ("ancestral", "purity")
                 for g in (1.0, guidance) for n in (10, 25, 50, 100)]
+    steps = min(25, num_timesteps)
     if table == "guidance":
-        return [dict(guidance_scale=g, steps=25) for g in (1.0, 2.0, 3.0, 5.0)]
-    return [dict(truncation_rate=r, steps=25) for r in (1.0, 0.95, 0.86, 0.7)]
+        return [dict(guidance_scale=g, steps=steps) for g in (1.0, 2.0, 3.0, 5.0)]
+    return [dict(truncation_rate=r, steps=steps) for r in (1.0, 0.95, 0.86, 0.7)]
 
 
 def run_cell(pipe, prompts: list[str], options: dict, batch_size: int, seed: int) -> dict:
@@ -63,7 +65,7 @@ def main() -> None:
     print("| strategy | steps | guidance | truncation | " + " | ".join(GROUPS) + " | img/s |")
     print("|---" * (5 + len(GROUPS)) + "|")
     rows = []
-    for options in cells(args.table, guidance):
+    for options in cells(args.table, guidance, pipe.diffusion.num_timesteps):
         row = run_cell(pipe, prompts, options, args.batch_size, args.seed)
         rows.append(row)
         o = row["options"]

@@ -1,7 +1,9 @@
 """Text-to-image end to end on tiny parts: train, resume, sample from the CLI, save/load the pipeline,
 and refuse parts that do not fit."""
 
+import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +44,7 @@ def run(cfg, **kwargs):
     return train(cfg, build.build_task(cfg), build.build_vq_dataset(cfg), progress=False, **kwargs)
 
 
-def test_train_resume_and_sample(tmp_path, tokenizer_dir):
+def test_train_resume_and_sample(tmp_path, tokenizer_dir, monkeypatch, capsys):
     straight = load_config(ROOT / "configs/shapes_tiny.yaml", tiny_overrides(tmp_path, tokenizer_dir, "a", 8))
     run(straight)
     first = load_config(ROOT / "configs/shapes_tiny.yaml", tiny_overrides(tmp_path, tokenizer_dir, "b", 4))
@@ -74,6 +76,11 @@ def test_train_resume_and_sample(tmp_path, tokenizer_dir):
     assert out.stat().st_size > 0 and (tmp_path / "p.gif").stat().st_size > 0
     assert cli.main(["sample", prompts[0], "--model", str(saved), "--steps", "3", "--guidance", "2",
                      "--dtype", "bfloat16", "--out", str(tmp_path / "bf16.png")]) == 0  # a bfloat16 transformer
+    monkeypatch.setattr(sys, "argv", ["sweep_shapes.py", "--checkpoint", str(saved), "--table", "truncation",
+                                      "--n", "2", "--json", str(tmp_path / "sweep.json")])
+    runpy.run_path(str(ROOT / "scripts" / "sweep_shapes.py"), run_name="__main__")
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ancestral")]
+    assert len(rows) == 4 and len(json.loads((tmp_path / "sweep.json").read_text())) == 4
     images[0].save(tmp_path / "init.png")
     mask = images[0].convert("L").point(lambda v: 0)
     mask.paste(255, (0, 0, 16, 32))  # regenerate the left half

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vqdiff.data.captions import TextCaptionFolder
+from vqdiff.data.captions import TextCaptionFolder, choose_caption
 from vqdiff.data.shapes import ShapesDataset
 from vqdiff.data.tokens import CacheMismatch, TokenDataset, dataset_fingerprint, tokenizer_hash, write_tokens
 
@@ -101,3 +101,17 @@ def test_all_captions_are_kept_and_one_is_drawn_per_epoch(tmp_path):
         drawn.append(cache[1]["caption"])
         assert fresh[1]["caption"] == drawn[-1]  # a function of (seed, epoch, index) only
     assert set(drawn) <= set(lines[1]) and len(set(drawn)) > 1
+    # the training loader hands out (epoch, index) keys, so the caption moves on per epoch without set_epoch
+    # (which worker processes would never see)
+    from types import SimpleNamespace
+    from vqdiff.train.loop import make_loader
+    cfg = SimpleNamespace(data=SimpleNamespace(batch_size=3, num_workers=0), seed=0,
+                          train=SimpleNamespace(max_steps=12))
+    accelerator = SimpleNamespace(process_index=0, num_processes=1)
+    per_epoch = [{} for _ in range(12)]
+    for step, batch in enumerate(make_loader(TokenDataset(out, seed=0), cfg, 0, accelerator)):
+        for caption in batch["caption"]:
+            k = int(caption.split()[1])
+            per_epoch[step][k] = caption
+            assert caption == choose_caption(lines[k], 0, step, k)  # one step is one epoch of 3 items
+    assert len({epoch[1] for epoch in per_epoch}) > 1

@@ -77,8 +77,8 @@ def test_converted_network_gives_diffusers_log_probabilities():
     text = torch.randn(3, 77, text_dim, generator=generator)
     with torch.no_grad():
         ours = torch.log_softmax(model(x, t, text=text).double(), dim=1)
-        # diffusers' AdaLayerNorm takes one timestep per call
-        theirs = torch.cat([reference(x[i:i + 1], encoder_hidden_states=text[i:i + 1], timestep=t[i:i + 1]).sample
+        # diffusers' AdaLayerNorm takes one scalar timestep per call
+        theirs = torch.cat([reference(x[i:i + 1], encoder_hidden_states=text[i:i + 1], timestep=t[i]).sample
                             for i in range(3)])
     assert theirs.shape == ours.shape == (3, K, side * side)
     assert (ours - theirs.double()).abs().max() <= 1e-4

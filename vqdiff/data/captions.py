@@ -30,6 +30,12 @@ from .images import IMAGE_EXTENSIONS, NOTHING_DOWNLOADED, ImageFolder, _to_rgb, 
 logger = logging.getLogger(__name__)
 
 
+def epoch_and_index(item: "int | tuple[int, int]", default_epoch: int) -> tuple[int, int]:
+    """An item key of a data set with per-epoch captions: an index, or (epoch, index) as the training loader
+    passes it (so that worker processes, which never see `set_epoch`, draw that epoch's caption)."""
+    return (int(item[0]), int(item[1])) if isinstance(item, tuple) else (default_epoch, int(item))
+
+
 def choose_caption(captions: Sequence[str], seed: int, epoch: int, index: int) -> str:
     """One of an item's captions, drawn deterministically from (seed, epoch, index)."""
     if len(captions) == 1:
@@ -74,8 +80,8 @@ class CaptionedImages(Dataset):
     def all_captions(self, index: int) -> list[str]:
         return list(self.captions[index])
 
-    def caption(self, index: int) -> str:
-        return choose_caption(self.captions[index], self.seed, self.epoch, index)
+    def caption(self, index: int, epoch: int | None = None) -> str:
+        return choose_caption(self.captions[index], self.seed, self.epoch if epoch is None else epoch, index)
 
     def fingerprint(self) -> str:
         """Changes when an image or caption file is added, removed or modified, or when `size` changes."""
@@ -87,7 +93,8 @@ class CaptionedImages(Dataset):
             image.load()
             return resize_center_crop(_to_rgb(image), self.size).clamp(0, 1) * 2 - 1
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item: "int | tuple[int, int]") -> dict:
+        epoch, index = epoch_and_index(item, self.epoch)
         for offset in range(len(self.files)):
             i = (index + offset) % len(self.files)
             try:
@@ -96,7 +103,7 @@ class CaptionedImages(Dataset):
                 self.num_skipped += 1
                 logger.warning("%s: skipping %s: %s", type(self).__name__, self.files[i], error)
                 continue
-            return {"image": image, "caption": self.caption(i)}
+            return {"image": image, "caption": self.caption(i, epoch)}
         raise RuntimeError(f"{type(self).__name__}: none of the {len(self.files)} files could be decoded")
 
 

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .captions import choose_caption
+from .captions import choose_caption, epoch_and_index
 from .shapes import ShapesDataset
 
 TOKENS_FILE, CAPTIONS_FILE, META_FILE = "tokens.npy", "captions.jsonl", "meta.json"
@@ -161,8 +161,9 @@ class TokenDataset(Dataset):
     def __len__(self) -> int:
         return len(self.captions)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item: "int | tuple[int, int]") -> dict:
+        epoch, index = epoch_and_index(item, self.epoch)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         tokens = torch.from_numpy(self.tokens[index].astype(np.int64)).flatten()  # [h*w]
-        return {"tokens": tokens, "caption": choose_caption(self.captions[index], self.seed, self.epoch, index)}
+        return {"tokens": tokens, "caption": choose_caption(self.captions[index], self.seed, epoch, index)}

@@ -48,16 +48,17 @@ class TrainTask:
 
 class StepBatchSampler(torch.utils.data.Sampler):
     """Batch indices for steps [start, stop): a fresh permutation per epoch seeded by (seed, epoch), each
-    process taking its own slice, so batch k is the same whether or not training was resumed before k."""
+    process taking its own slice, so batch k is the same whether or not training was resumed before k.
+    `with_epoch` yields (epoch, index) pairs, for data sets that draw one of several captions per epoch."""
 
     def __init__(self, num_items: int, batch_size: int, seed: int, start: int, stop: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, with_epoch: bool = False):
         self.global_batch = batch_size * world_size
         if num_items < self.global_batch:
             raise ValueError(f"the data set has {num_items} items, fewer than one global batch "
                              f"({batch_size} x {world_size} processes)")
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
-        self.start, self.stop, self.rank = start, stop, rank
+        self.start, self.stop, self.rank, self.with_epoch = start, stop, rank, with_epoch
         self.per_epoch = num_items // self.global_batch
 
     def __len__(self):
@@ -71,7 +72,8 @@ class StepBatchSampler(torch.utils.data.Sampler):
                 epoch = e
                 perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed * 7919 + e))
             begin = k * self.global_batch + self.rank * self.batch_size
-            yield perm[begin:begin + self.batch_size].tolist()
+            indices = perm[begin:begin + self.batch_size].tolist()
+            yield [(e, i) for i in indices] if self.with_epoch else indices
 
 
 def default_collate(items: list[dict]) -> dict:
@@ -89,7 +91,8 @@ def default_collate(items: list[dict]) -> dict:
 def make_loader(dataset, cfg: ExperimentConfig, start_step: int, accelerator, collate_fn=None):
     """Batches for steps [start_step, max_steps), each process its own share (see StepBatchSampler)."""
     sampler = StepBatchSampler(len(dataset), cfg.data.batch_size, cfg.seed, start_step, cfg.train.max_steps,
-                               accelerator.process_index, accelerator.num_processes)
+                               accelerator.process_index, accelerator.num_processes,
+                               with_epoch=hasattr(dataset, "set_epoch"))
     # its own generator: the loader must not draw from the global RNG, or resuming would shift dropout noise
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                                        collate_fn=collate_fn or getattr(dataset, "collate", default_collate),
