@@ -105,3 +105,32 @@ def test_bad_state_dicts_and_files_are_named(tmp_path):
     plain = tmp_path / "plain.pth"
     torch.save({"model": {"a": torch.ones(2)}, "last_epoch": 3}, plain)
     assert read_checkpoint(plain)["last_epoch"] == 3
+
+
+def test_codec_decodes_the_released_trimmed_ids_as_the_full_codes():
+    from vqdiff.interop.official import load_codec
+    from vqdiff.models.vqvae import GUMBEL_F8_CONFIG, GumbelVQVAE
+    small = dict(resolution=16, ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[4], z_channels=16,
+                 norm_groups=8, embedding_dim=16, num_embeddings=64)
+    torch.manual_seed(0)
+    codec = GumbelVQVAE.from_config({**GUMBEL_F8_CONFIG, **small}).eval()
+    state = {}
+    for key, value in codec.state_dict().items():
+        part = "dec" if key.startswith(("decoder.", "post_quant_conv.")) else "enc"
+        state[f"content_codec.{part}.{key}"] = value
+        if key.startswith("quantize."):  # the released files hold the shared quantizer twice
+            state[f"content_codec.dec.{key}"] = value
+    used = torch.tensor([3, 9, 10, 17, 40, 63])
+    codes_map = torch.zeros(64, dtype=torch.long)
+    codes_map[used] = torch.arange(1, 7)  # as taming_vqvae_2887.pt: used codes -> 1..n, the rest -> 0
+    trimmed = load_codec(state, codes_map, small)
+    assert trimmed.num_embeddings == 7 and trimmed.code_map.tolist() == [0, 3, 9, 10, 17, 40, 63]
+    ids = torch.randint(0, 7, (2, 4, 4), generator=torch.Generator().manual_seed(2))
+    full = torch.tensor([0, 3, 9, 10, 17, 40, 63])[ids]
+    with torch.no_grad():
+        torch.testing.assert_close(trimmed.decode(ids), codec.decode(full), rtol=0, atol=0)
+    state["content_codec.dec.quantize.embed.weight"] = state["content_codec.dec.quantize.embed.weight"] + 1
+    with pytest.raises(OfficialCheckpointError, match="two copies of quantize.embed.weight differ"):
+        load_codec(state, codes_map, small)
+    with pytest.raises(OfficialCheckpointError, match="not a whole-model"):
+        load_codec({"transformer.content_emb.emb.weight": torch.zeros(2, 2)})

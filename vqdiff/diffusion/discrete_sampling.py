@@ -198,7 +198,7 @@ def _batch_chunks(x: torch.Tensor, max_elements: int = 1 << 22):
     return [slice(i, i + step) for i in range(0, x.shape[0], step)]
 
 
-def ancestral_step(diffusion, x0_dist: "X0Distribution", xt: torch.Tensor, t: int, s: int,
+def ancestral_step(diffusion, x0_dist: X0Distribution, xt: torch.Tensor, t: int, s: int,
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """x_s ~ sum_x0 q(x_s | x_t, x0) p(x0 | x_t) for every token, -1 <= s < t (s = -1: x_0)."""
     K = diffusion.num_classes
@@ -211,7 +211,7 @@ def ancestral_step(diffusion, x0_dist: "X0Distribution", xt: torch.Tensor, t: in
     return out
 
 
-def dense_ancestral_step(diffusion, x0_dist: "X0Distribution", xt: torch.Tensor, t: int, s: int,
+def dense_ancestral_step(diffusion, x0_dist: X0Distribution, xt: torch.Tensor, t: int, s: int,
                          generator: torch.Generator | None = None) -> torch.Tensor:
     """`ancestral_step` for GPUs, without truncation: p(x0 | x_t) of every token in one pass over
     [B, K, N] and a draw for every token by inverse CDF, used where the mixture picks the model. Nothing

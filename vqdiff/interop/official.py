@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 from ..models.transformer import DiffusionTransformer
+from ..models.vqvae import GumbelVQVAE
+from .taming import load_taming_gumbel
 
 NETWORK_PREFIXES = ("transformer.transformer.", "transformer.", "")  # whole model, EMA dict, bare network
 UNUSED_SUFFIXES = (".attn2.mask",)  # a causal-mask buffer that the forward never reads (76 MiB in a B file)
@@ -93,6 +95,45 @@ def load_transformer(state: Mapping[str, torch.Tensor], num_heads: int = 16) -> 
         network["empty_text_embed"] = null_text
     _load_exactly(model, network, "released transformer")
     return model
+
+
+CODEC_PREFIXES = ("content_codec.enc.", "content_codec.dec.")  # the quantizer is stored under both
+
+
+def load_codec(state: Mapping[str, torch.Tensor], codes_map: "torch.Tensor | str | Path | None" = None,
+               config: Mapping | None = None) -> GumbelVQVAE:
+    """The Gumbel f8 codec of a COCO/CUB/CC file (`ckpt["model"]`) as a GumbelVQVAE, trimmed by `codes_map`.
+
+    `codes_map` is the released full-to-trimmed table (`taming_vqvae_2887.pt`: int64 [8192], the used codes
+    mapped to 1..2886 in increasing order, every other code to 0), or a path to it. Trimmed id j decodes as
+    the first full code mapped to j, as in the released code (so id 0 is full code 0). Encoding takes the
+    argmax over the kept codes; the released encoder draws a Gumbel sample over all 8192 and maps unused
+    codes to 0. `config` overrides GUMBEL_F8_CONFIG (for other sizes).
+    """
+    codec: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(CODEC_PREFIXES):
+            name = key.split(".", 2)[2]
+            if name in codec and not torch.equal(codec[name], value):
+                raise OfficialCheckpointError(f"the codec's two copies of {name} differ")
+            codec[name] = value
+    if not codec:
+        raise OfficialCheckpointError("no `content_codec.enc.*` / `content_codec.dec.*` tensors: not a whole-model "
+                                      "state dict of a COCO/CUB/CC file (ckpt['model'], not ckpt['ema'])")
+    model = load_taming_gumbel({k: v.float() for k, v in codec.items()}, config)
+    if codes_map is None:
+        return model
+    if not isinstance(codes_map, torch.Tensor):
+        codes_map = torch.load(codes_map, map_location="cpu", weights_only=True)
+    codes_map = torch.as_tensor(codes_map).long().flatten()
+    if codes_map.shape != (model.codebook_size,):
+        raise OfficialCheckpointError(f"codes_map must map all {model.codebook_size} codes, got {codes_map.numel()}")
+    ids = int(codes_map.max()) + 1
+    order = torch.argsort(codes_map * model.codebook_size + torch.arange(model.codebook_size))  # by id, then code
+    first = order[torch.searchsorted(codes_map[order], torch.arange(ids))]
+    if not torch.equal(codes_map[first], torch.arange(ids)):
+        raise OfficialCheckpointError(f"codes_map does not use every id in 0..{ids - 1}")
+    return model.keep_codes(first)
 
 
 def _load_exactly(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
