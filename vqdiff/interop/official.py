@@ -13,18 +13,33 @@ without the leading `transformer.`), plus training state. The transformer's keys
     empty_text_embed [77, 512] float64, beside the network (learnable classifier-free files only)
 
 The released network is DiffusionTransformer with `time_embedding="table"`, `mlp_activation="quick_gelu"` and
-`mask_text_padding=False` (it attends over all 77 text positions); sizes are read from the shapes.
+`mask_text_padding=False` (it attends over all 77 text positions); sizes are read from the shapes. Beside it,
+`condition_emb.*` holds OpenAI's CLIP ViT-B/32 text tower in open_clip names (float16 linears), and `model` alone
+holds the codec under `content_codec.{enc,dec}.*`: taming's Gumbel f8 VQGAN (COCO/CUB/CC, trimmed by a separate
+codes map) or ITHQ's PatchVQGAN. `convert_official` turns a file into a TextToImagePipeline directory.
 """
 
+import json
+import logging
+import os
 import pickle
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from ..config import ExperimentConfig, ModelType, Network, save_config
+from ..models.loading import load_exactly
+from ..models.patch_vqgan import PatchVQGAN
+from ..models.text import CLIPTextEncoder, text_encoder_from_state_dict
+from ..models.tokenizers import tokenizer_type
 from ..models.transformer import DiffusionTransformer
-from ..models.vqvae import GumbelVQVAE
-from .taming import load_taming_gumbel
+from ..models.vqvae import GUMBEL_F8_CONFIG, GumbelVQVAE
+from .taming import TamingKeyError, load_taming_gumbel
+
+log = logging.getLogger(__name__)
 
 NETWORK_PREFIXES = ("transformer.transformer.", "transformer.", "")  # whole model, EMA dict, bare network
 UNUSED_SUFFIXES = (".attn2.mask",)  # a causal-mask buffer that the forward never reads (76 MiB in a B file)
@@ -93,11 +108,66 @@ def load_transformer(state: Mapping[str, torch.Tensor], num_heads: int = 16) -> 
         raise OfficialCheckpointError(f"the transformer state dict lacks {error.args[0]}") from error
     if null_text is not None:
         network["empty_text_embed"] = null_text
-    _load_exactly(model, network, "released transformer")
+    load_exactly(model, network, "the released transformer", OfficialCheckpointError)
     return model
 
 
+TEXT_PREFIXES = ("transformer.condition_emb.", "condition_emb.")  # whole model, EMA dict
+
+
+def load_text_encoder(state: Mapping[str, torch.Tensor], num_heads: int = 8) -> CLIPTextEncoder:
+    """The released CLIP text tower as a frozen float32 CLIPTextEncoder (OpenAI's QuickGELU layout: the open_clip
+    arch "ViT-B-32-quickgelu" at the released size), from the whole-model dict or the EMA dict.
+
+    Sizes are read from the shapes; the number of heads is not recorded in them (ViT-B/32 has 8)."""
+    for prefix in TEXT_PREFIXES:
+        tower = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+        if tower:
+            break
+    else:
+        raise OfficialCheckpointError("no `transformer.condition_emb.*` (whole model) or `condition_emb.*` (EMA) "
+                                      "tensors: no CLIP text tower in this state dict")
+    try:
+        return text_encoder_from_state_dict(tower, num_heads)
+    except ValueError as error:
+        raise OfficialCheckpointError(f"the released CLIP text tower: {error}") from error
+
+
 CODEC_PREFIXES = ("content_codec.enc.", "content_codec.dec.")  # the quantizer is stored under both
+EMA_CODEBOOK_STATS = ("quantize.cluster_size", "quantize.embedding_avg")  # ITHQ codebook training only
+
+
+def codec_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The codec's tensors under the model's own names, the shared quantizer once, training statistics dropped."""
+    codec: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(CODEC_PREFIXES):
+            name = key.split(".", 2)[2]
+            if name in EMA_CODEBOOK_STATS:
+                continue
+            if name in codec and not value.is_meta and not torch.equal(codec[name], value):  # meta: shapes only
+                raise OfficialCheckpointError(f"the codec's two copies of {name} differ")
+            codec[name] = value
+    if not codec:
+        raise OfficialCheckpointError("no `content_codec.enc.*` / `content_codec.dec.*` tensors: not a whole-model "
+                                      "state dict of a released file (ckpt['model'], not ckpt['ema'])")
+    return codec
+
+
+def codec_layout(codec: Mapping[str, torch.Tensor]) -> dict:
+    """The taming Encoder/Decoder sizes that the codec's shapes record (GroupNorm has 32 groups throughout taming)."""
+    try:
+        ch, in_channels = codec["encoder.conv_in.weight"].shape[:2]
+        levels = sorted({int(key.split(".")[2]) for key in codec if key.startswith("encoder.down.")})
+        resolution = 32 * 2 ** (len(levels) - 1)  # only where attention sits depends on it; 256 for the released
+        return dict(
+            resolution=resolution, in_channels=in_channels, out_channels=codec["decoder.conv_out.weight"].shape[0],
+            ch=ch, ch_mult=[codec[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels],
+            num_res_blocks=len({key.split(".")[4] for key in codec if key.startswith("encoder.down.0.block.")}),
+            attn_resolutions=[resolution >> i for i in levels if f"encoder.down.{i}.attn.0.q.weight" in codec],
+            z_channels=codec["encoder.conv_out.weight"].shape[0], dropout=0.0, norm_groups=32)
+    except KeyError as error:
+        raise OfficialCheckpointError(f"the codec state dict lacks {error.args[0]}") from error
 
 
 def load_codec(state: Mapping[str, torch.Tensor], codes_map: "torch.Tensor | str | Path | None" = None,
@@ -108,19 +178,18 @@ def load_codec(state: Mapping[str, torch.Tensor], codes_map: "torch.Tensor | str
     mapped to 1..2886 in increasing order, every other code to 0), or a path to it. Trimmed id j decodes as
     the first full code mapped to j, as in the released code (so id 0 is full code 0). Encoding takes the
     argmax over the kept codes; the released encoder draws a Gumbel sample over all 8192 and maps unused
-    codes to 0. `config` overrides GUMBEL_F8_CONFIG (for other sizes).
+    codes to 0. Sizes are read from the shapes; `config` overrides them (e.g. norm_groups).
     """
-    codec: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if key.startswith(CODEC_PREFIXES):
-            name = key.split(".", 2)[2]
-            if name in codec and not torch.equal(codec[name], value):
-                raise OfficialCheckpointError(f"the codec's two copies of {name} differ")
-            codec[name] = value
-    if not codec:
-        raise OfficialCheckpointError("no `content_codec.enc.*` / `content_codec.dec.*` tensors: not a whole-model "
-                                      "state dict of a COCO/CUB/CC file (ckpt['model'], not ckpt['ema'])")
-    model = load_taming_gumbel({k: v.float() for k, v in codec.items()}, config)
+    codec = codec_state(state)
+    if "quantize.embed.weight" not in codec:
+        raise OfficialCheckpointError("the codec has no Gumbel codebook `quantize.embed.weight` (ITHQ's PatchVQGAN "
+                                      "loads with load_ithq_codec)")
+    codebook = codec["quantize.embed.weight"]
+    layout = dict(codec_layout(codec), num_embeddings=codebook.shape[0], embedding_dim=codebook.shape[1])
+    try:
+        model = load_taming_gumbel(codec, {**GUMBEL_F8_CONFIG, **layout, **(config or {})})
+    except TamingKeyError as error:
+        raise OfficialCheckpointError(str(error)) from error
     if codes_map is None:
         return model
     if not isinstance(codes_map, torch.Tensor):
@@ -136,18 +205,117 @@ def load_codec(state: Mapping[str, torch.Tensor], codes_map: "torch.Tensor | str
     return model.keep_codes(first)
 
 
-def _load_exactly(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Copy every tensor (cast to the module's dtype) or fail naming the missing, unexpected and misshapen keys."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    misshapen = [f"{key} {list(state[key].shape)} (expected {list(own[key].shape)})"
-                 for key in sorted(set(own) & set(state)) if state[key].shape != own[key].shape]
-    if missing or unexpected or misshapen:
-        parts = [f"{name}: {', '.join(keys[:20])}{' ...' if len(keys) > 20 else ''}"
-                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen))
-                 if keys]
-        raise OfficialCheckpointError(f"{what} does not fit: " + "; ".join(parts))
-    with torch.no_grad():
-        for key, tensor in own.items():
-            tensor.copy_(state[key])
+def load_ithq_codec(state: Mapping[str, torch.Tensor], config: Mapping | None = None) -> PatchVQGAN:
+    """ITHQ's PatchVQGAN (`ckpt["model"]` of ithq_learnable.pth) in eval mode; no trimming. Sizes are read from the
+    shapes; `config` overrides them. The codebook's EMA statistics (cluster_size, embedding_avg) are dropped."""
+    codec = codec_state(state)
+    if "quantize.embedding" not in codec:
+        raise OfficialCheckpointError("the codec has no nearest-neighbour codebook `quantize.embedding` (the Gumbel "
+                                      "codec of COCO/CUB/CC files loads with load_codec)")
+    codebook = codec["quantize.embedding"]
+    layout = dict(codec_layout(codec), num_embeddings=codebook.shape[0], embedding_dim=codebook.shape[1])
+    model = PatchVQGAN.from_config({**layout, **(config or {})})
+    load_exactly(model, codec, "the ITHQ codec", OfficialCheckpointError)
+    return model.eval()
+
+
+# ---- a released file -> a TextToImagePipeline directory ------------------------------------------------------
+
+WEIGHTS_CHOICES = ("ema", "model")
+
+
+def convert_official(ckpt_path: "str | Path", out_dir: "str | Path",
+                     codes_map: "torch.Tensor | str | Path | None" = None, weights: str = "ema",
+                     trust_pickle: bool = False) -> Path:
+    """Write a released `.pth` as a directory that `TextToImagePipeline.from_pretrained` loads (see load_official).
+
+    The file is memory-mapped, so about two copies of the weights are held at most: the float32 models and their
+    serialisation."""
+    cfg, tokenizer, network, text_encoder = load_official(ckpt_path, codes_map, weights, trust_pickle)
+    out = write_pipeline_dir(out_dir, cfg, tokenizer, network, text_encoder)
+    log.info("converted %s (%s weights: %d layers, %d classes, %s) into %s", ckpt_path, weights,
+             len(network.blocks), network.num_classes,
+             "learned null text" if network.empty_text_embed is not None else "no learned null text", out)
+    return out
+
+
+def load_official(ckpt_path: "str | Path", codes_map: "torch.Tensor | str | Path | None" = None,
+                  weights: str = "ema", trust_pickle: bool = False):
+    """(ExperimentConfig, codec, DiffusionTransformer, CLIPTextEncoder) of a released `.pth`.
+
+    `weights="ema"` takes everything under `transformer.` (network, CLIP, null text) from the EMA copy, as the
+    released inference does; "model" takes the trained weights. The codec always comes from `model`. COCO/CUB/CC
+    files need `codes_map` (taming_vqvae_2887.pt) to fit their 2887-class transformer; ITHQ's codec is untrimmed.
+    """
+    if weights not in WEIGHTS_CHOICES:
+        raise ValueError(f"weights must be one of {WEIGHTS_CHOICES}, got {weights!r}")
+    checkpoint = read_checkpoint(ckpt_path, trust_pickle)
+    missing = [entry for entry in dict.fromkeys(("model", weights)) if entry not in checkpoint]
+    if missing:
+        hint = "; convert the trained weights with --weights model" if missing == ["ema"] else ""
+        raise OfficialCheckpointError(f"{ckpt_path} has no {' or '.join(missing)} entry (it holds "
+                                      f"{', '.join(map(str, checkpoint))}){hint}")
+    whole, source = checkpoint["model"], checkpoint[weights]
+    network = load_transformer(source)
+    text_encoder = load_text_encoder(source)
+    if "quantize.embedding" in codec_names(whole):
+        if codes_map is not None:
+            raise OfficialCheckpointError("ITHQ's codec is not trimmed: it takes no codes map")
+        tokenizer = load_ithq_codec(whole)
+    else:
+        tokenizer = load_codec(whole, codes_map)
+    if tokenizer.num_embeddings != network.num_classes:
+        hint = " (pass the released codes map, taming_vqvae_2887.pt)" if codes_map is None else ""
+        raise OfficialCheckpointError(f"the codec has {tokenizer.num_embeddings} codes but the transformer predicts "
+                                      f"{network.num_classes} classes{hint}")
+    return pipeline_config(Path(ckpt_path).stem, tokenizer, network, text_encoder), tokenizer, network, text_encoder
+
+
+def codec_names(state: Mapping[str, torch.Tensor]) -> set[str]:
+    return {key.split(".", 2)[2] for key in state if key.startswith(CODEC_PREFIXES)}
+
+
+def pipeline_config(name: str, tokenizer, network: DiffusionTransformer, text_encoder: CLIPTextEncoder):
+    """The ExperimentConfig that rebuilds the converted parts (sampling defaults: the released README's)."""
+    block = network.blocks[0]
+    width = network.content_emb.emb.weight.shape[1]
+    learned_null = network.empty_text_embed is not None
+    cfg = ExperimentConfig(name=name, model=ModelType.VQ_DIFFUSION, network=Network.TRANSFORMER)
+    cfg.data.name, cfg.data.size = "captions", network.grid_size[0] * tokenizer.downsample_factor
+    cfg.tokenizer.path, cfg.tokenizer.num_embeddings = "tokenizer", tokenizer.num_embeddings  # inside the directory
+    cfg.text.arch, cfg.text.weights, cfg.text.trainable = text_encoder.arch, TEXT_ENCODER_FILE, False
+    cfg.text.context_length, cfg.text.normalize = text_encoder.context_length, text_encoder.normalize
+    t = cfg.transformer
+    t.num_layers, t.width, t.num_heads = len(network.blocks), width, block.attn1.num_heads
+    t.time_embedding, t.mlp_activation, t.mask_text_padding = "table", "quick_gelu", False
+    t.mlp_ratio = block.mlp[0].out_features / width
+    t.null_text_embedding, t.text_drop_prob, t.dropout = learned_null, 0.1 if learned_null else 0.0, 0.0
+    cfg.discrete.num_timesteps, cfg.discrete.schedule = block.ln1.num_steps, "released"
+    # README: truncation 0.86 without guidance; with the learned null text, truncation 1.0 and guidance 5.0
+    cfg.sample.truncation_rate, cfg.sample.guidance_scale = (1.0, 5.0) if learned_null else (0.86, 1.0)
+    return cfg
+
+
+# TextToImagePipeline.save_pretrained's layout (pipeline.py and train/tokenizer_io.py, which interop/ does not
+# import); tests/interop/test_official.py loads a converted directory with from_pretrained.
+TEXT_ENCODER_FILE = "text_encoder.safetensors"
+
+
+def write_pipeline_dir(out_dir: "str | Path", cfg, tokenizer, network, text_encoder) -> Path:
+    """config.yaml, tokenizer/{config.json, model.safetensors}, transformer.safetensors, text_encoder.safetensors,
+    written into a temporary directory and renamed."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "tokenizer").mkdir(parents=True)
+    save_config(cfg, tmp / "config.yaml")
+    config = {"type": tokenizer_type(tokenizer), **tokenizer.config}
+    (tmp / "tokenizer" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    files = {"tokenizer/model.safetensors": tokenizer, "transformer.safetensors": network,
+             TEXT_ENCODER_FILE: text_encoder}
+    for name, module in files.items():
+        save_file({key: value.contiguous() for key, value in module.state_dict().items()}, str(tmp / name))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

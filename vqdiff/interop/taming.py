@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..models.loading import load_exactly
 from ..models.vqvae import GUMBEL_F8_CONFIG, GumbelVQVAE
 
 log = logging.getLogger(__name__)
@@ -69,25 +70,10 @@ def to_taming_state_dict(model: GumbelVQVAE) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def check_keys(model: GumbelVQVAE, state: Mapping[str, torch.Tensor]) -> None:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: file {list(state[k].shape)} vs model {list(own[k].shape)}"
-              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        lines = ["the taming state dict does not fit the GumbelVQVAE config:"]
-        lines += [f"  missing: {k}" for k in missing]
-        lines += [f"  unexpected: {k}" for k in unexpected]
-        lines += [f"  shape mismatch: {s}" for s in shapes]
-        raise TamingKeyError("\n".join(lines))
-
-
 def load_taming_gumbel(path_or_state_dict: "str | Path | Mapping", config: Mapping | None = None) -> GumbelVQVAE:
     """A GumbelVQVAE (eval mode) with taming Gumbel VQGAN weights; `config` defaults to the published f8
     architecture (GUMBEL_F8_CONFIG). Raises TamingKeyError listing every missing, unexpected or mis-shaped name."""
     state = from_taming_state_dict(read_taming_state_dict(path_or_state_dict))
     model = GumbelVQVAE.from_config({**GUMBEL_F8_CONFIG, **(config or {})})
-    check_keys(model, state)
-    model.load_state_dict(state)
+    load_exactly(model, state, "the taming state dict", TamingKeyError)
     return model.eval()

@@ -7,15 +7,20 @@ open_clip or transformers. Weights come only from local files; nothing is fetche
 
 import enum
 import logging
+import re
 import zipfile
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import open_clip
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
+
+from .loading import load_exactly
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +28,12 @@ logger = logging.getLogger(__name__)
 CUSTOM_TEXT_TOWERS = {
     "clip-text-small": dict(width=256, layers=4, heads=4),
 }
+# OpenAI's CLIP ViT-B/32 with QuickGELU: the text tower of the released VQ-Diffusion models
+OPENAI_TEXT_ARCH = "ViT-B-32-quickgelu"
+# Other sizes of OpenAI's text layout (QuickGELU, MLP ratio 4, square text_projection):
+# "clip-text-w{width}-l{layers}-h{heads}-quickgelu"
+SIZED_TEXT_TOWER = re.compile(r"^clip-text-w(\d+)-l(\d+)-h(\d+)-quickgelu$")
+OWN_PREFIX = "tower."  # a CLIPTextEncoder's own state dict (a pipeline directory's text_encoder.safetensors)
 PAD_ID = 0  # open_clip and the released VQ-Diffusion pad with 0 after end-of-text, whatever the backend
 
 
@@ -35,31 +46,38 @@ class CLIPTextEncoder(nn.Module):
     """Tokenise prompts with CLIP's BPE and return (features [B, L, D], mask [B, L]).
 
     `mask` is True from start- through end-of-text (the real tokens) and False at the padding after it.
-    `weights` is a local file (open_clip state dict .pt/.bin/.safetensors, or OpenAI's TorchScript
-    ViT-B-32.pt), a local `transformers` CLIPTextModel directory for backend "hf", or "none" for a
-    random initialisation. `arch` is an open_clip model name or a key of CUSTOM_TEXT_TOWERS.
+    `weights` is a local file (open_clip state dict .pt/.bin/.safetensors, OpenAI's TorchScript ViT-B-32.pt,
+    or a CLIPTextEncoder's own .safetensors), a state dict of the open_clip tower, a local `transformers`
+    CLIPTextModel directory for backend "hf", or "none" for a random initialisation. `arch` is an open_clip
+    model name, a key of CUSTOM_TEXT_TOWERS or a SIZED_TEXT_TOWER name.
     A frozen encoder (`trainable=False`) runs in eval mode under no_grad and can cache features.
     """
 
     def __init__(self, backend: TextBackend | str = TextBackend.OPEN_CLIP, arch: str = "ViT-B-32",
-                 weights: str | Path = "none", context_length: int = 77, normalize: bool = True,
-                 trainable: bool = False, cache_size: int = 4096):
+                 weights: str | Path | Mapping[str, torch.Tensor] = "none", context_length: int = 77,
+                 normalize: bool = True, trainable: bool = False, cache_size: int = 4096):
         super().__init__()
-        self.backend = TextBackend(backend)
+        self.backend, self.arch = TextBackend(backend), arch
         self.context_length, self.normalize, self.trainable = context_length, normalize, trainable
         self.cache_size = cache_size
         self.cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        random_init = str(weights).lower() == "none"
-        if not random_init and not Path(weights).exists():
+        given = isinstance(weights, Mapping)
+        random_init = not given and str(weights).lower() == "none"
+        if not random_init and not given and not Path(weights).exists():
             raise FileNotFoundError(f"text encoder weights not found: {weights} (use weights='none' for random init)")
         if self.backend is TextBackend.HF:
-            if random_init:
-                raise ValueError("backend 'hf' needs weights = a local CLIPTextModel directory; "
-                                 "use backend 'open_clip' for a random-initialised encoder")
+            if random_init or given:
+                raise ValueError("backend 'hf' needs weights = a local CLIPTextModel directory; use backend "
+                                 "'open_clip' for a random-initialised encoder or one from a state dict")
             self.tower, self.tokenizer = load_hf(Path(weights))
             self.dim = self.tower.config.hidden_size
         else:
-            self.tower = build_open_clip(arch, None if random_init else Path(weights))
+            state, file = (weights, None) if given else (None, None if random_init else Path(weights))
+            if file is not None and (own := own_state_dict(file)) is not None:
+                state, file = own, None  # a CLIPTextEncoder's own saved weights
+            self.tower = build_open_clip(arch, file)
+            if state is not None:
+                load_exactly(self.tower, state, "the text tower's weights" if given else str(weights))
             self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
             self.dim = self.tower.transformer.width
             if self.tower.vocab_size != self.tokenizer.vocab_size:
@@ -161,10 +179,50 @@ def is_torchscript(path: Path) -> bool:
         return any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
 
 
+def own_state_dict(path: Path) -> dict[str, torch.Tensor] | None:
+    """The tower's tensors when `path` holds a CLIPTextEncoder's own state dict (keys "tower.*"), else None."""
+    if path.suffix != ".safetensors":
+        return None
+    with safe_open(str(path), "pt") as file:
+        keys = list(file.keys())
+    if not keys or not all(key.startswith(OWN_PREFIX) for key in keys):
+        return None
+    return {key[len(OWN_PREFIX):]: value for key, value in load_file(str(path)).items()}
+
+
+def sized_text_arch(width: int, layers: int, heads: int) -> str:
+    """The arch name of an OpenAI-layout text tower: OPENAI_TEXT_ARCH at its size, else a SIZED_TEXT_TOWER name."""
+    if (width, layers, heads) == (512, 12, 8):
+        return OPENAI_TEXT_ARCH
+    return f"clip-text-w{width}-l{layers}-h{heads}-quickgelu"
+
+
+def text_encoder_from_state_dict(state: Mapping[str, torch.Tensor], num_heads: int = 8,
+                                 normalize: bool = True) -> CLIPTextEncoder:
+    """A frozen CLIPTextEncoder holding an OpenAI-layout text tower given in open_clip names (token_embedding,
+    positional_embedding, transformer.resblocks.{i}.*, ln_final, text_projection), sizes read from the shapes.
+
+    Any float dtype is accepted (the released files hold float16 linears); the encoder is float32. The number of
+    heads is not recorded in the tensors: OpenAI's ViT-B/32 text tower has 8.
+    """
+    if "token_embedding.weight" not in state:
+        raise ValueError("the text tower's state dict lacks token_embedding.weight")
+    width = state["token_embedding.weight"].shape[1]
+    layers = len({key.split(".")[2] for key in state if key.startswith("transformer.resblocks.")})
+    return CLIPTextEncoder(arch=sized_text_arch(width, layers, num_heads), weights=state, normalize=normalize,
+                           trainable=False)
+
+
 def build_open_clip(arch: str, weights: Path | None) -> nn.Module:
     """An open_clip text tower (the image tower dropped): a TextTransformer or a CLIP without `visual`."""
-    if arch in CUSTOM_TEXT_TOWERS:
-        tower = open_clip.transformer.TextTransformer(output_dim=None, **CUSTOM_TEXT_TOWERS[arch])
+    sized = SIZED_TEXT_TOWER.match(arch)
+    if sized or arch in CUSTOM_TEXT_TOWERS:
+        if sized:
+            width, layers, heads = map(int, sized.groups())
+            tower = open_clip.transformer.TextTransformer(width=width, layers=layers, heads=heads, output_dim=width,
+                                                          act_layer=open_clip.transformer.QuickGELU)
+        else:
+            tower = open_clip.transformer.TextTransformer(output_dim=None, **CUSTOM_TEXT_TOWERS[arch])
         if weights is not None:
             tower.load_state_dict(open_clip.factory.load_state_dict(str(weights), weights_only=True))
         return tower

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import FORMAT_VERSION, ConfigError, load_config, save_config, to_dict
+from ..models.loading import load_exactly
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -44,22 +45,8 @@ def load_weights(path: "str | Path") -> dict:
 
 
 def load_into(module: torch.nn.Module, state: dict, what: str) -> None:
-    """load_state_dict(strict) with an error that names every missing, unexpected or mis-shaped key."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        lines = [f"{what} does not fit the model:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:20])}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}")
-        if shapes:
-            lines.append(f"  shape mismatches ({len(shapes)}): {'; '.join(shapes[:20])}")
-        raise CheckpointError("\n".join(lines))
-    module.load_state_dict(state)
+    """Strict loading; the CheckpointError names every missing, unexpected or mis-shaped key."""
+    load_exactly(module, state, what, CheckpointError)
 
 
 def save_checkpoint(run_dir: Path, step: int, config, model_state: dict, ema_state: dict,

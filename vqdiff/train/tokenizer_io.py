@@ -1,4 +1,5 @@
-"""A trained tokenizer on disk: a directory with `config.json` (GumbelVQVAE.config) and `model.safetensors`.
+"""A trained tokenizer on disk: a directory with `config.json` (the model's config plus its `type`, a key of
+models/tokenizers.py's TOKENIZER_TYPES; "gumbel_vqvae" when absent) and `model.safetensors`.
 
 This is what `train_vqvae` leaves in `<run>/tokenizer/` (trimmed to the used codes) and what VQ-Diffusion
 configs point `tokenizer.path` at. `tokenizer_hash` (sha256 of the weights file) ties token caches to it.
@@ -12,6 +13,8 @@ from pathlib import Path
 import torch
 
 from ..data.tokens import tokenizer_hash, write_tokens
+from ..models.patch_vqgan import PatchVQGAN
+from ..models.tokenizers import DEFAULT_TYPE, TOKENIZER_TYPES, tokenizer_type
 from ..models.vqvae import GumbelVQVAE
 from .checkpoint import CheckpointError, load_into, load_weights, save_weights
 
@@ -21,13 +24,13 @@ WEIGHTS_FILE = "model.safetensors"
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "encode_token_cache", "load_tokenizer", "save_tokenizer", "tokenizer_hash"]
 
 
-def save_tokenizer(model: GumbelVQVAE, directory: "str | Path") -> Path:
+def save_tokenizer(model: "GumbelVQVAE | PatchVQGAN", directory: "str | Path") -> Path:
     """Write config.json + model.safetensors into `directory` (replaced whole, via a temp dir and a rename)."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    (tmp / CONFIG_FILE).write_text(json.dumps(model.config, indent=2) + "\n")
+    (tmp / CONFIG_FILE).write_text(json.dumps({"type": tokenizer_type(model), **model.config}, indent=2) + "\n")
     save_weights(model.state_dict(), tmp / WEIGHTS_FILE)
     if directory.exists():
         shutil.rmtree(directory)
@@ -35,7 +38,7 @@ def save_tokenizer(model: GumbelVQVAE, directory: "str | Path") -> Path:
     return directory
 
 
-def load_tokenizer(directory: "str | Path", device: str = "cpu") -> GumbelVQVAE:
+def load_tokenizer(directory: "str | Path", device: str = "cpu") -> "GumbelVQVAE | PatchVQGAN":
     """The tokenizer saved in `directory`, in eval mode, on `device`."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -46,9 +49,12 @@ def load_tokenizer(directory: "str | Path", device: str = "cpu") -> GumbelVQVAE:
             raise FileNotFoundError(f"tokenizer directory {directory} has no {name}")
     try:
         config = json.loads((directory / CONFIG_FILE).read_text())
-        model = GumbelVQVAE.from_config(config)
+        kind = config.pop("type", DEFAULT_TYPE)
+        if kind not in TOKENIZER_TYPES:
+            raise ValueError(f"type {kind!r} is not one of {sorted(TOKENIZER_TYPES)}")
+        model = TOKENIZER_TYPES[kind].from_config(config)
     except (json.JSONDecodeError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{directory / CONFIG_FILE} is not a GumbelVQVAE config: {error}") from error
+        raise CheckpointError(f"{directory / CONFIG_FILE} is not a tokenizer config: {error}") from error
     load_into(model, load_weights(directory / WEIGHTS_FILE), str(directory / WEIGHTS_FILE))
     return model.to(device).eval()
 
