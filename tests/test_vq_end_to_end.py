@@ -41,7 +41,7 @@ def tiny_overrides(tmp_path, tokenizer_dir, name, steps):
 
 def run(cfg, **kwargs):
     build.seed_everything(cfg.seed)
-    return train(cfg, build.build_task(cfg), build.build_vq_dataset(cfg), progress=False, **kwargs)
+    return train(cfg, build.build_task(cfg), build.build_train_dataset(cfg), progress=False, **kwargs)
 
 
 def test_train_resume_and_sample(tmp_path, tokenizer_dir, monkeypatch, capsys):
@@ -118,7 +118,7 @@ def test_token_cache_trains_and_is_checked(tmp_path, tokenizer_dir):
     cfg = load_config(ROOT / "configs/shapes_tiny.yaml", overrides)
     encode_token_cache(tokenizer_dir, build.build_tokenizer_data(cfg), tmp_path / "tokens", progress=False)
     cached = load_config(ROOT / "configs/shapes_tiny.yaml", overrides + [f"data.tokens={tmp_path / 'tokens'}"])
-    batch = build.build_vq_dataset(cached)[0]
+    batch = build.build_train_dataset(cached)[0]  # what `vqdiff train` / train_vq.py iterate: no encoder per step
     assert batch["tokens"].shape == (64,) and isinstance(batch["caption"], str)
     run(cached)
     changed = load_config(ROOT / "configs/shapes_tiny.yaml",

@@ -1,25 +1,34 @@
 """The one place that turns a config into objects: networks, diffusion processes, data sets, tasks."""
 
 import copy
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .config import ConfigError, ExperimentConfig, ModelType, Network
+from .config import ConfigError, DiffusionSpace, ExperimentConfig, ModelType, Network
 from .diffusion.gaussian import GaussianDiffusion, LossType, MeanType, VarType
 from .diffusion.schedules import beta_schedule
 from .diffusion.timestep_sampler import ImportanceSampler, UniformSampler
 from .train.loop import TrainTask
 
+log = logging.getLogger(__name__)
 TIME_SAMPLERS = {"uniform": UniformSampler, "importance": ImportanceSampler}
 IMAGE_DATA = ("cifar10", "mnist", "image_folder", "shapes")
 VECTOR_DATA = ("toy2d",)
 
 
-def data_shape(cfg: ExperimentConfig) -> tuple[int, ...]:
-    """Shape of one training example: (C, H, W) for images, (2,) for toy points."""
+def data_shape(cfg: ExperimentConfig, tokenizer=None) -> tuple[int, ...]:
+    """Shape of one diffused example: (C, H, W) for images, (2,) for toy points, (D, h, w) for latents (from the
+    tokenizer, else from cfg.tokenizer's architecture)."""
     name = cfg.data.name
+    if cfg.model is ModelType.DDPM and cfg.gaussian.space is DiffusionSpace.LATENT:
+        if tokenizer is not None:
+            side = cfg.data.size // tokenizer.downsample_factor
+            return (tokenizer.config["embedding_dim"], side, side)
+        side = cfg.data.size // 2 ** (len(cfg.tokenizer.ch_mult) - 1)
+        return (cfg.tokenizer.embedding_dim, side, side)
     if name in VECTOR_DATA:
         return (2,)
     if name == "mnist":
@@ -57,14 +66,17 @@ def build_dataset(cfg: ExperimentConfig, split: str = "train"):
 def build_gaussian_diffusion(cfg: ExperimentConfig) -> GaussianDiffusion:
     g = cfg.gaussian
     betas = beta_schedule(g.beta_schedule, g.num_timesteps, g.beta_start, g.beta_end)
+    pixels = cfg.data.name in IMAGE_DATA and g.space is DiffusionSpace.PIXEL
     return GaussianDiffusion(betas, mean_type=MeanType(g.mean_type), var_type=VarType(g.var_type),
-                             loss_type=LossType(g.loss_type), discrete_data=cfg.data.name in IMAGE_DATA)
+                             loss_type=LossType(g.loss_type), discrete_data=pixels)
 
 
-def build_network(cfg: ExperimentConfig) -> nn.Module:
+def build_network(cfg: ExperimentConfig, shape: tuple[int, ...] | None = None,
+                  context_dim: int | None = None) -> nn.Module:
+    """The denoising network alone; `shape` defaults to data_shape(cfg), `context_dim` is the text feature width."""
     if cfg.model is ModelType.DDPM:
         learn_sigma = VarType(cfg.gaussian.var_type) in (VarType.LEARNED, VarType.LEARNED_RANGE)
-        shape = data_shape(cfg)
+        shape = shape or data_shape(cfg)
         if cfg.network is Network.MLP:
             from .models.mlp import MLPDenoiser
             if len(shape) != 1:
@@ -76,11 +88,14 @@ def build_network(cfg: ExperimentConfig) -> nn.Module:
             if len(shape) != 3:
                 raise ConfigError("network: unet needs image data; use mlp for data.name=toy2d")
             u = cfg.unet
+            text = dict(context_dim=context_dim, text_length=cfg.text.context_length,
+                        text_drop_prob=u.text_drop_prob) if u.text else {}
             return UNet(in_channels=shape[0], out_channels=shape[0], ch=u.ch, ch_mult=tuple(u.ch_mult),
                         attn_resolutions=tuple(u.attn_resolutions), num_res_blocks=u.num_res_blocks,
                         dropout=u.dropout, image_size=shape[1], learn_sigma=learn_sigma,
                         num_classes=u.num_classes, num_heads=u.num_heads, resblock_updown=u.resblock_updown,
-                        use_scale_shift_norm=u.use_scale_shift_norm, grad_checkpointing=u.grad_checkpointing)
+                        use_scale_shift_norm=u.use_scale_shift_norm, grad_checkpointing=u.grad_checkpointing,
+                        **text)
     raise ConfigError(f"network: {cfg.network.value!r} does not go with model: {cfg.model.value!r}")
 
 
@@ -102,6 +117,8 @@ def ddpm_cond(cfg: ExperimentConfig, batch: dict) -> dict:
 
 
 def build_ddpm_task(cfg: ExperimentConfig) -> TrainTask:
+    if cfg.unet.text or cfg.gaussian.space is DiffusionSpace.LATENT:
+        return build_text_ddpm_task(cfg)
     from .pipeline import ddpm_preview
     diffusion = build_gaussian_diffusion(cfg)
     model = build_network(cfg)
@@ -118,6 +135,102 @@ def build_ddpm_task(cfg: ExperimentConfig) -> TrainTask:
 
 
 DDPM_ARCHITECTURE = {Network.UNET: ("unet", "gaussian", "data.size"), Network.MLP: ("mlp", "gaussian")}
+
+
+# ---- text-to-image Gaussian DDPM (pixels or tokenizer latents) ----------------------------------------
+
+TEXT_DDPM_ARCHITECTURE = ("unet", "gaussian", "text", "data.size", "tokenizer.path")
+
+
+def is_text_ddpm(cfg: ExperimentConfig) -> bool:
+    return cfg.model is ModelType.DDPM and (cfg.unet.text or cfg.gaussian.space is DiffusionSpace.LATENT)
+
+
+def build_ddpm_model(cfg: ExperimentConfig, tokenizer=None) -> nn.Module:
+    """The trained part of a Gaussian model: the network, with its text encoder (a TextConditioned) when
+    unet.text; `tokenizer` gives the latent shape in latent space."""
+    shape = data_shape(cfg, tokenizer)
+    if not cfg.unet.text:
+        return build_network(cfg, shape)
+    from .models.conditioned import TextConditioned
+    text_encoder = build_text_encoder(cfg)
+    return TextConditioned(build_network(cfg, shape, text_encoder.dim), text_encoder)
+
+
+def build_train_dataset(cfg: ExperimentConfig):
+    """What the trainer iterates: VQ-Diffusion and a latent DDPM read the token cache when data.tokens is set."""
+    latent_ddpm = cfg.model is ModelType.DDPM and cfg.gaussian.space is DiffusionSpace.LATENT
+    if cfg.model is ModelType.VQ_DIFFUSION or latent_ddpm:
+        return build_vq_dataset(cfg)
+    return build_dataset(cfg)
+
+
+@torch.no_grad()
+def ddpm_latents(tokenizer, batch: dict, grid: tuple[int, int]) -> torch.Tensor:
+    """Unscaled latents [B, D, h, w] of a batch: embedded cached tokens, else the encoded images."""
+    if "tokens" in batch:
+        return tokenizer.embed_tokens(batch["tokens"].long().reshape(-1, *grid))
+    return tokenizer.encode_latents(batch["image"])
+
+
+def measure_latent_scale(tokenizer, dataset, grid: tuple[int, int], count: int = 64) -> float:
+    """1 / std of the first `count` items' latents (Rombach et al. 2022, Sec. 4.3.2), to 4 significant digits
+    so that a resumed run measures the same value on any device."""
+    from .train.loop import default_collate
+    batch = default_collate([dataset[i] for i in range(min(count, len(dataset)))])
+    return float(f"{1.0 / ddpm_latents(tokenizer, batch, grid).std().item():.4g}")
+
+
+def shapes_evaluator(cfg: ExperimentConfig, make_pipeline):
+    """(ema model, generator) -> per-image attribute accuracy on train.eval_prompts val prompts, overall and by
+    object count; None unless the data are shapes and train.eval_every > 0."""
+    if cfg.data.name != "shapes" or cfg.train.eval_every <= 0:
+        return None
+    from .data.shapes import eval_prompts
+    from .eval.shapes import evaluate
+    prompts = [c for c, _ in eval_prompts("val", cfg.train.eval_prompts, seed=1000, max_objects=cfg.data.max_objects)]
+
+    def run(ema_model, generator) -> dict:
+        pipe, images = make_pipeline(ema_model), []
+        for i in range(0, len(prompts), 50):
+            images += pipe(prompts[i:i + 50], generator=generator, progress=False)
+        groups = evaluate(images, prompts).groups
+        return {name: groups[name]["image"] for name in ("all", "1 object", "2 objects") if name in groups}
+
+    return run
+
+
+def build_text_ddpm_task(cfg: ExperimentConfig) -> TrainTask:
+    """Captions -> text encoder -> cross-attention UNet, diffusing pixels or the tokenizer's scaled latents."""
+    from .gaussian_pipeline import GaussianTextToImagePipeline
+    if not cfg.unet.text or cfg.network is not Network.UNET:
+        raise ConfigError("gaussian.space=latent is text-to-image here: it needs network: unet and unet.text: true")
+    tokenizer = None
+    if cfg.gaussian.space is DiffusionSpace.LATENT:
+        tokenizer = load_configured_tokenizer(cfg).eval().requires_grad_(False)
+        grid = token_grid(cfg, tokenizer)
+        if cfg.gaussian.latent_scale is None:  # stored in the config that the run and its checkpoints save
+            cfg.gaussian.latent_scale = measure_latent_scale(tokenizer, build_train_dataset(cfg), grid)
+            log.info("latent scale (1 / std of the latents): %g", cfg.gaussian.latent_scale)
+    diffusion = build_gaussian_diffusion(cfg)
+    model = build_ddpm_model(cfg, tokenizer)
+
+    def losses(model, batch, t, generator):
+        if tokenizer is None:
+            x0 = batch["image"]
+        else:
+            tokenizer.to(t.device)
+            x0 = ddpm_latents(tokenizer, batch, grid) * cfg.gaussian.latent_scale
+        return diffusion.training_losses(model, x0, t, generator=generator, captions=batch["caption"])
+
+    def pipeline(ema_model):
+        return GaussianTextToImagePipeline(cfg, ema_model, diffusion, tokenizer)
+
+    return TrainTask(model=model, losses=losses,
+                     time_sampler=build_time_sampler(cfg.gaussian.time_sampler, diffusion.num_timesteps),
+                     num_timesteps=diffusion.num_timesteps,
+                     make_samples=lambda ema_model, generator: pipeline(ema_model).preview(generator),
+                     architecture_sections=TEXT_DDPM_ARCHITECTURE, evaluate=shapes_evaluator(cfg, pipeline))
 
 
 def build_task(cfg: ExperimentConfig) -> TrainTask:
@@ -210,12 +323,14 @@ def build_vq_task(cfg: ExperimentConfig) -> TrainTask:
                 x0 = tokenizer.encode(batch["image"]).flatten(1)  # [B, N]
         return diffusion.training_losses(model, x0, t, generator=generator, captions=batch["caption"])
 
-    def preview(ema_model, generator):
-        return TextToImagePipeline(cfg, tokenizer, ema_model, diffusion).preview(generator)
+    def pipeline(ema_model):
+        return TextToImagePipeline(cfg, tokenizer, ema_model, diffusion)
 
     return TrainTask(model=model, losses=losses, time_sampler=diffusion.time_sampler,
-                     num_timesteps=diffusion.num_timesteps, make_samples=preview,
-                     architecture_sections=VQ_ARCHITECTURE, sampler_term="kl")
+                     num_timesteps=diffusion.num_timesteps,
+                     make_samples=lambda ema_model, generator: pipeline(ema_model).preview(generator),
+                     architecture_sections=VQ_ARCHITECTURE, sampler_term="kl",
+                     evaluate=shapes_evaluator(cfg, pipeline))
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -227,7 +342,7 @@ def parameter_counts(cfg: ExperimentConfig, num_classes: int | None = None) -> d
 
     For VQ-Diffusion, K comes from `num_classes`, else the tokenizer at tokenizer.path, else
     tokenizer.num_embeddings; the grid is data.size over the tokenizer's downsampling."""
-    if cfg.model is ModelType.VQ_DIFFUSION and cfg.text.backend == "open_clip":
+    if (cfg.model is ModelType.VQ_DIFFUSION or is_text_ddpm(cfg)) and cfg.text.backend == "open_clip":
         cfg = copy.deepcopy(cfg)
         cfg.text.weights = "none"  # counting needs the architecture only, not the local weights file
     with torch.device("meta"):
@@ -244,6 +359,12 @@ def parameter_counts(cfg: ExperimentConfig, num_classes: int | None = None) -> d
             return counts
         if cfg.model is ModelType.VQVAE:
             return {"tokenizer": count_parameters(build_tokenizer(cfg))}
+        if is_text_ddpm(cfg):
+            latent = cfg.gaussian.space is DiffusionSpace.LATENT
+            has_tokenizer = latent and cfg.tokenizer.path is not None and Path(cfg.tokenizer.path).exists()
+            model = build_ddpm_model(cfg, load_configured_tokenizer(cfg) if has_tokenizer else None)
+            return {cfg.network.value: count_parameters(model.network),
+                    "text_encoder": count_parameters(model.text_encoder)}
         return {cfg.network.value: count_parameters(build_network(cfg))}
 
 

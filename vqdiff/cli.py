@@ -33,7 +33,7 @@ def train_command(argv: list[str], expect: ModelType | None = None) -> Path:
                           f"{expect.value!r} models")
     build.seed_everything(cfg.seed)
     task = build.build_task(cfg)
-    run_dir = train(cfg, task, build.build_dataset(cfg), resume=args.resume, init_from=args.init_from,
+    run_dir = train(cfg, task, build.build_train_dataset(cfg), resume=args.resume, init_from=args.init_from,
                     progress=not args.no_progress)
     log.info("run directory: %s (checkpoints/, samples/, log.jsonl)", run_dir)
     return run_dir
@@ -71,7 +71,9 @@ def sample_command(argv: list[str]) -> None:
     parser.add_argument("--model", required=True, help="pipeline directory, run directory or checkpoint")
     parser.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
     parser.add_argument("--n", type=int, default=1, help="images per prompt")
-    parser.add_argument("--steps", type=int, default=None, help="network calls (default: the config's, else T)")
+    parser.add_argument("--steps", default=None,
+                        help="network calls (default: the config's, else T); Gaussian models also 'ddim25'")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default=None, help="Gaussian models only")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     parser.add_argument("--truncation", type=float, default=None, help="keep this share of p(x0|xt) per token")
     parser.add_argument("--temperature", type=float, default=None)
@@ -90,7 +92,7 @@ def sample_command(argv: list[str]) -> None:
     import torch
     from PIL import Image
     from .images import make_grid, save_gif
-    from .pipeline import TextToImagePipeline, save_picture
+    from .pipeline import load_pipeline, save_picture
     prompts = list(args.prompts)
     if args.prompts_file:
         prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
@@ -99,12 +101,18 @@ def sample_command(argv: list[str]) -> None:
     if (args.init_image is None) != (args.mask is None):
         raise ConfigError("inpainting needs both --init-image and --mask")
     prompts = [p for p in prompts for _ in range(args.n)]
-    pipe = TextToImagePipeline.from_pretrained(args.model, device=args.device,
-                                               dtype=getattr(torch, args.dtype) if args.dtype else None)
+    pipe = load_pipeline(args.model, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    vq = pipe.cfg.model is ModelType.VQ_DIFFUSION
+    if not vq and args.init_image:
+        raise ConfigError("inpainting (--init-image, --mask) is implemented for VQ-Diffusion models only")
+    if vq and args.sampler:
+        raise ConfigError("--sampler chooses a Gaussian sampler; VQ-Diffusion takes --strategy")
     if args.compile:
         pipe.compile(args.compile)
-    options = dict(steps=args.steps, guidance_scale=args.guidance, truncation_rate=args.truncation,
+    options = dict(steps=_steps(args.steps), guidance_scale=args.guidance, truncation_rate=args.truncation,
                    temperature=args.temperature, strategy=args.strategy)
+    if args.sampler:
+        options["sampler"] = args.sampler
     generator = torch.Generator(args.device).manual_seed(args.seed)
     nrow = args.n if args.n > 1 else min(8, len(prompts))
     if args.init_image:
@@ -128,7 +136,7 @@ def eval_shapes_command(argv: list[str]) -> dict:
     parser.add_argument("--n", type=int, default=500, help="prompts per split")
     parser.add_argument("--splits", default="val,heldout", help="comma-separated: val, heldout")
     parser.add_argument("--max-objects", type=int, default=None, help="default: the model's training setting")
-    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--steps", default=None, help="e.g. 25; Gaussian models also 'ddim25'")
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--truncation", type=float, default=None)
     parser.add_argument("--strategy", choices=("ancestral", "purity"), default=None)
@@ -145,13 +153,13 @@ def eval_shapes_command(argv: list[str]) -> dict:
     from tqdm.auto import tqdm
     from .data.shapes import eval_prompts
     from .eval.shapes import evaluate, make_grid
-    from .pipeline import TextToImagePipeline
-    pipe = TextToImagePipeline.from_pretrained(args.checkpoint, device=args.device,
-                                               dtype=getattr(torch, args.dtype) if args.dtype else None)
+    from .pipeline import load_pipeline
+    pipe = load_pipeline(args.checkpoint, device=args.device,
+                         dtype=getattr(torch, args.dtype) if args.dtype else None)
     max_objects = args.max_objects or pipe.cfg.data.max_objects
     prompts = [c for split in args.splits.split(",") for c, _ in eval_prompts(split.strip(), args.n, seed=1000,
                                                                              max_objects=max_objects)]
-    options = dict(steps=args.steps, guidance_scale=args.guidance, truncation_rate=args.truncation,
+    options = dict(steps=_steps(args.steps), guidance_scale=args.guidance, truncation_rate=args.truncation,
                    strategy=args.strategy)
     generator = torch.Generator(args.device).manual_seed(args.seed)
     images, started = [], time.perf_counter()
@@ -189,12 +197,90 @@ def info_command(argv: list[str]) -> None:
         print(f"{part:<28} {count:>15,}")
 
 
+def convert_to_diffusers_command(argv: list[str]) -> Path:
+    parser = argparse.ArgumentParser(prog="vqdiff convert to-diffusers",
+                                     description="vqdiff pipeline directory -> diffusers VQDiffusionPipeline folder.")
+    parser.add_argument("model", help="pipeline directory (save_pretrained), run directory or checkpoint")
+    parser.add_argument("--out", required=True, help="the diffusers folder to write (replaced)")
+    parser.add_argument("--ignore-padding-mask", action="store_true",
+                        help="convert a transformer trained with the text padding masked (diffusers attends to it)")
+    args = parser.parse_intermixed_args(argv)
+    from .interop.diffusers import DiffusersConversionError, export_pipeline
+    from .pipeline import TextToImagePipeline
+    pipe = TextToImagePipeline.from_pretrained(args.model)
+    try:
+        out = export_pipeline(pipe.cfg, pipe.tokenizer, pipe.model.network, pipe.model.text_encoder, args.out,
+                              ignore_padding_mask=args.ignore_padding_mask)
+    except DiffusersConversionError as error:
+        raise ConfigError(str(error)) from error
+    log.info("wrote %s (load with diffusers.VQDiffusionPipeline.from_pretrained)", out)
+    return out
+
+
+def convert_from_diffusers_command(argv: list[str]) -> Path:
+    parser = argparse.ArgumentParser(prog="vqdiff convert from-diffusers",
+                                     description="diffusers VQDiffusionPipeline folder -> vqdiff pipeline directory.")
+    parser.add_argument("folder", help="a local VQDiffusionPipeline folder (model_index.json); nothing is downloaded")
+    parser.add_argument("--out", required=True, help="the vqdiff pipeline directory to write (replaced)")
+    args = parser.parse_intermixed_args(argv)
+    from . import build
+    from .interop.diffusers import DiffusersConversionError, import_pipeline
+    from .models.conditioned import TextConditioned
+    from .pipeline import TextToImagePipeline
+    try:
+        cfg, tokenizer, network, text_encoder = import_pipeline(args.folder)
+    except DiffusersConversionError as error:
+        raise ConfigError(str(error)) from error
+    pipe = TextToImagePipeline(cfg, tokenizer, TextConditioned(network, text_encoder),
+                               build.build_discrete_diffusion(cfg, tokenizer.num_embeddings))
+    out = pipe.save_pretrained(args.out)
+    log.info("wrote %s (vqdiff sample --model %s ...)", out, out)
+    return out
+
+
+def convert_official_command(argv: list[str]) -> Path:
+    parser = argparse.ArgumentParser(prog="vqdiff convert official",
+                                     description="released VQ-Diffusion checkpoint -> vqdiff pipeline directory.")
+    parser.add_argument("checkpoint", help="a released file: coco_learnable.pth, ithq_learnable.pth, ...")
+    parser.add_argument("--out", required=True, help="the vqdiff pipeline directory to write (replaced)")
+    parser.add_argument("--codes-map", default=None,
+                        help="COCO/CUB/CC: the codec's full-to-trimmed code table "
+                             "(help_folder/statistics/taming_vqvae_2887.pt)")
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema",
+                        help="the transformer and CLIP from the EMA copy (default, as the released inference) or the "
+                             "trained weights")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="unpickle Python objects in the file (can run code from it): only for files you trust")
+    args = parser.parse_intermixed_args(argv)
+    from .interop.official import OfficialCheckpointError, convert_official
+    try:
+        out = convert_official(args.checkpoint, args.out, codes_map=args.codes_map, weights=args.weights,
+                               trust_pickle=args.trust_pickle)
+    except OfficialCheckpointError as error:
+        raise ConfigError(str(error)) from error
+    log.info("wrote %s (vqdiff sample --model %s ...)", out, out)
+    return out
+
+
+# `vqdiff convert KIND ...`: each converter parses its own arguments.
+CONVERTERS: dict = {"to-diffusers": convert_to_diffusers_command, "from-diffusers": convert_from_diffusers_command,
+                    "official": convert_official_command}
+
+
+def convert_command(argv: list[str]) -> None:
+    if not argv or argv[0] not in CONVERTERS:
+        raise ConfigError("usage: vqdiff convert {" + ",".join(CONVERTERS) + "} ... "
+                          f"(got {argv[0] if argv else 'nothing'!r})")
+    CONVERTERS[argv[0]](argv[1:])
+
+
 COMMANDS = {
     "train": train_command,
     "sample": sample_command,
     "sample-ddpm": sample_ddpm_command,
     "info": info_command,
     "eval-shapes": eval_shapes_command,
+    "convert": convert_command,
 }
 
 
@@ -206,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
               "  sample       text-prompt sampling from a trained text-to-image model\n"
               "  sample-ddpm  sample a trained Gaussian DDPM into a PNG grid / GIF\n"
               "  info         parameter counts of a config's networks\n"
-              "  eval-shapes  score a text-to-image model on shapes prompts (attribute accuracy, img/s)")
+              "  eval-shapes  score a text-to-image model on shapes prompts (attribute accuracy, img/s)\n"
+              "  convert      released checkpoints and diffusers folders <-> vqdiff pipeline folders")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     _setup_logging()
     try:

@@ -32,6 +32,11 @@ class LRSchedule(str, enum.Enum):
     COSINE = "cosine"      # from train.lr at the end of the warm-up to 0 at train.max_steps
 
 
+class DiffusionSpace(str, enum.Enum):
+    PIXEL = "pixel"        # Gaussian diffusion on the images themselves
+    LATENT = "latent"      # on the tokenizer's codebook embeddings (tokenizer.path), decoded by its decoder
+
+
 class Network(str, enum.Enum):
     UNET = "unet"
     MLP = "mlp"
@@ -66,6 +71,8 @@ class UNetConfig:
     use_scale_shift_norm: bool = False
     resblock_updown: bool = False
     num_classes: int | None = None   # class-label conditioning
+    text: bool = False               # cross-attention to the caption's token features (the `text:` encoder)
+    text_drop_prob: float = 0.1      # text: caption swapped for a learned null caption (classifier-free guidance)
     grad_checkpointing: bool = False
 
 
@@ -152,6 +159,8 @@ class GaussianDiffusionConfig:
     var_type: str = "fixed_large"    # fixed_large | fixed_small | learned | learned_range
     loss_type: str = "mse"           # mse | rescaled_mse | kl | rescaled_kl | hybrid
     time_sampler: str = "uniform"    # uniform | importance
+    space: DiffusionSpace = DiffusionSpace.PIXEL
+    latent_scale: float | None = None  # latent: 1 / std of the latents; None = measured on a batch at the start
 
 
 @dataclass
@@ -172,6 +181,8 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     num_sample_images: int = 16
+    eval_every: int = 0              # shapes text-to-image: steps between attribute-metric evaluations (0: none)
+    eval_prompts: int = 50           # val prompts per evaluation, sampled with the `sample:` options
 
 
 @dataclass

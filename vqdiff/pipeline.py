@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from . import build
-from .config import ExperimentConfig, ModelType
+from .config import ConfigError, ExperimentConfig, ModelType
 from .images import make_grid, scatter, to_pil
 from .train.checkpoint import CheckpointError, load_into, load_weights, read_config, resolve_checkpoint
 
@@ -58,6 +58,9 @@ class DDPMPipeline:
         cfg = read_config(checkpoint)
         if cfg.model is not ModelType.DDPM:
             raise CheckpointError(f"{checkpoint} holds a {cfg.model.value!r} model, not a Gaussian DDPM")
+        if build.is_text_ddpm(cfg):
+            raise CheckpointError(f"{checkpoint} holds a text-to-image DDPM: sample it with `vqdiff sample PROMPT "
+                                  "--model DIR`")
         model = build.build_network(cfg)
         load_into(model, load_weights(checkpoint / "ema.safetensors"), f"{checkpoint}/ema.safetensors")
         return cls(cfg, model.to(device), build.build_gaussian_diffusion(cfg))
@@ -161,7 +164,10 @@ class TextToImagePipeline:
             raise CheckpointError(f"{path} is not a complete pipeline directory: missing {', '.join(missing)}")
         cfg = read_config(path)
         tokenizer = load_tokenizer(path / "tokenizer")
-        model = build.build_vq_model(cfg, tokenizer.num_embeddings, build.token_grid(cfg, tokenizer))
+        built = copy.deepcopy(cfg)
+        if cfg.text.weights == "text_encoder.safetensors":  # the directory's own copy (converted pipelines)
+            built.text.weights = str(path / "text_encoder.safetensors")
+        model = build.build_vq_model(built, tokenizer.num_embeddings, build.token_grid(cfg, tokenizer))
         load_into(model.network, load_weights(path / "transformer.safetensors"), f"{path}/transformer.safetensors")
         load_into(model.text_encoder, load_weights(path / "text_encoder.safetensors"),
                   f"{path}/text_encoder.safetensors")
@@ -272,6 +278,20 @@ class TextToImagePipeline:
         prompts = preview_prompts(self.cfg)
         images = self(prompts, generator=generator, progress=False)
         return make_grid(images, nrow=min(8, len(images)), captions=prompts, scale=max(1, 64 // self.cfg.data.size))
+
+
+def load_pipeline(path, device="cpu", dtype: torch.dtype | None = None):
+    """The text-to-image pipeline of a pipeline, run or checkpoint directory, chosen by its saved config's
+    `model:`: a TextToImagePipeline (VQ-Diffusion) or a GaussianTextToImagePipeline (DDPM, pixels or latents)."""
+    from .gaussian_pipeline import GaussianTextToImagePipeline
+    path = Path(path)
+    saved = next((d for d in (path, path / "pipeline") if (d / "config.yaml").is_file()), None)
+    cfg = read_config(saved if saved is not None else resolve_checkpoint(path))
+    if cfg.model is ModelType.VQ_DIFFUSION:
+        return TextToImagePipeline.from_pretrained(path, device, dtype)
+    if dtype is not None:
+        raise ConfigError("a dtype cast is for VQ-Diffusion transformers; Gaussian models sample in float32")
+    return GaussianTextToImagePipeline.from_pretrained(path, device)
 
 
 def preview_prompts(cfg: ExperimentConfig) -> list[str]:

@@ -206,3 +206,38 @@ def test_small_unet_overfits_one_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10, losses
+
+
+def test_null_caption_and_caption_dropping():
+    """A text UNet with text_length has a learned null caption (all-True mask); in training each caption is
+    swapped for it with probability text_drop_prob, row by row, as the DiffusionTransformer does."""
+    torch.manual_seed(7)
+    model = randomise_zero_inits(UNet(**SMALL, context_dim=12, text_length=6, text_drop_prob=0.5))
+    null, null_mask = model.null_text(8)
+    assert null.shape == (8, 6, 12) and null_mask.shape == (8, 6) and null_mask.all()
+    x, t = torch.randn(8, 3, 16, 16), torch.arange(8) * 100
+    text, mask = torch.randn(8, 6, 12), torch.ones(8, 6, dtype=torch.bool)
+    mask[:, 4:] = False
+    with torch.no_grad():
+        conditional = model.eval()(x, t, text=text, text_mask=mask)
+        unconditional = model(x, t, text=null, text_mask=null_mask)
+        torch.manual_seed(0)
+        dropped = model.train()(x, t, text=text, text_mask=mask)
+    is_conditional = [torch.allclose(d, c, atol=1e-5) for d, c in zip(dropped, conditional)]
+    is_null = [torch.allclose(d, u, atol=1e-5) for d, u in zip(dropped, unconditional)]
+    assert all(a != b for a, b in zip(is_conditional, is_null))  # every row is exactly one of the two
+    assert 0 < sum(is_null) < 8, is_null
+    plain = UNet(**SMALL, context_dim=12)
+    assert sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters()) == 6 * 12
+
+
+def test_null_caption_arguments_are_checked():
+    with pytest.raises(ValueError, match="needs text conditioning"):
+        UNet(**SMALL, text_length=6)
+    with pytest.raises(ValueError, match="needs text_length"):
+        UNet(**SMALL, context_dim=12, text_drop_prob=0.1)
+    with pytest.raises(ValueError, match="no null caption"):
+        UNet(**SMALL, context_dim=12).null_text(2)
+    model = UNet(**SMALL, context_dim=12, text_length=6, text_drop_prob=0.1).train()
+    with pytest.raises(ValueError, match="text of length 6"):
+        model(torch.randn(2, 3, 16, 16), torch.zeros(2), text=torch.randn(2, 5, 12))

@@ -265,3 +265,18 @@ def test_bad_input_raises_clear_errors():
         GumbelVQVAE.from_config({**TINY, "n_embed": 3})
     with pytest.raises(ValueError, match="norm_groups"):
         GumbelVQVAE.from_config({**TINY, "ch": 20})
+
+
+def test_latents_are_the_argmax_code_embeddings_and_decode_like_tokens():
+    """encode_latents -> decode_latents is the tokenizer's own reconstruction, also for a trimmed tokenizer, and
+    the latents follow from cached tokens (embed_tokens)."""
+    x = images(2)
+    for model in (tiny_model(), tiny_model().keep_codes(torch.arange(7, 300, 3))):
+        tokens = model.encode(x)
+        latents = model.encode_latents(x)
+        assert latents.shape == (2, 16, 8, 8)
+        torch.testing.assert_close(latents, model.quantize.embed.weight[model.full_codes(tokens)].permute(0, 3, 1, 2))
+        torch.testing.assert_close(model.embed_tokens(tokens), latents)
+        torch.testing.assert_close(model.decode_latents(latents), model.decode(tokens))
+        shifted = model.decode_latents(latents + 0.5)  # continuous latents off the codebook still decode
+        assert shifted.shape == (2, 3, 16, 16) and not torch.equal(shifted, model.decode(tokens))

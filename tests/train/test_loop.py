@@ -1,6 +1,7 @@
 """The training loop on a tiny regression task: exact resume, NaN handling, checkpoint safety."""
 
 import json
+import os
 import math
 
 import pytest
@@ -126,3 +127,24 @@ def test_lr_schedule_rejects_unknown_names():
     from vqdiff.config import ConfigError, ExperimentConfig, from_dict
     with pytest.raises(ConfigError, match="lr_schedule"):
         from_dict(ExperimentConfig, {"train": {"lr_schedule": "linear"}})
+
+
+@pytest.mark.parametrize("env, cores, expect", [
+    ({"ACCELERATE_MIXED_PRECISION": "no", "OMP_NUM_THREADS": "1"}, 4, 4),  # accelerate's default: use the cores
+    ({"ACCELERATE_MIXED_PRECISION": "no", "OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "2"}, 4, 2),  # the share
+    ({"OMP_NUM_THREADS": "1"}, 4, 1),  # set by the user, not by accelerate: left alone
+    ({"ACCELERATE_MIXED_PRECISION": "no", "OMP_NUM_THREADS": "3"}, 4, 1),  # an explicit count: left alone
+])
+def test_cpu_threads_after_accelerate_launch(monkeypatch, env, cores, expect):
+    from vqdiff.train import loop
+
+    for key in [k for k in os.environ if k.startswith("ACCELERATE_")] + ["OMP_NUM_THREADS", "LOCAL_WORLD_SIZE"]:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(loop.os, "cpu_count", lambda: cores)
+    chosen = []
+    monkeypatch.setattr(loop.torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(loop.torch, "set_num_threads", chosen.append)
+    loop.use_cpu_share(num_processes=1)
+    assert (chosen[-1] if chosen else 1) == expect

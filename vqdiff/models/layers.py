@@ -112,3 +112,14 @@ def mlp(dim: int, ratio: float = 4.0, activation: Activation | str = Activation.
     hidden = int(ratio * dim)
     act = nn.GELU() if Activation(activation) is Activation.GELU else QuickGELU()
     return nn.Sequential(nn.Linear(dim, hidden), act, nn.Linear(hidden, dim))
+
+
+def drop_text(text: torch.Tensor, text_mask: torch.Tensor | None, null_text: torch.Tensor, drop_prob: float,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Classifier-free training: each caption [L, D] of text [B, L, D] becomes `null_text` [L, D] with probability
+    `drop_prob`, and its mask row all True (every position of the learned null embedding is attended)."""
+    drop = torch.rand(text.shape[0], generator=generator, device=text.device) < drop_prob  # [B]
+    text = torch.where(drop[:, None, None], null_text.to(text.dtype), text)
+    if text_mask is not None:
+        text_mask = text_mask | drop[:, None]
+    return text, text_mask

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import Activation, AdaLayerNorm, Attention, TimeEmbedding, mlp
+from .layers import Activation, AdaLayerNorm, Attention, TimeEmbedding, drop_text, mlp
 
 # Published sizes (Gu et al. 2022, Sec. 4.1; Tang et al. 2022). The released models use 16 heads throughout.
 TRANSFORMER_PRESETS = {
@@ -160,12 +160,8 @@ class DiffusionTransformer(nn.Module):
         """Replace each caption by the null embedding with probability `drop_prob` (classifier-free training)."""
         if text.shape[1] != self.text_length:
             raise ValueError(f"caption dropping needs text of length {self.text_length}, got {text.shape[1]}")
-        drop = torch.rand(text.shape[0], generator=generator, device=text.device) < drop_prob  # [B]
-        null, null_mask = self.null_text(text.shape[0])
-        text = torch.where(drop[:, None, None], null.to(text.dtype), text)
-        if text_mask is not None:
-            text_mask = text_mask | drop[:, None]
-        return text, text_mask
+        null, _ = self.null_text(text.shape[0])
+        return drop_text(text, text_mask, null, drop_prob, generator)
 
     def check_inputs(self, x, t, text, text_mask, text_kv):
         if x.dim() != 2 or x.shape[1] != self.num_tokens:

@@ -4,7 +4,8 @@ A stack of GroupNorm + SiLU residual blocks that receive a time embedding, self-
 resolutions, strided-conv downsampling and nearest + conv upsampling, with skip connections between
 the two halves. Optional conditioning: class labels (an embedding added to the time embedding) and
 per-token text features (GLIDE-style: projected text keys/values join the image keys/values of each
-attention block, with a padding mask). The defaults are the 35.7M-parameter CIFAR-10 model of Ho et al.
+attention block, with a padding mask), with a learned null caption and caption dropping for classifier-free
+guidance as in the DiffusionTransformer. The defaults are the 35.7M-parameter CIFAR-10 model of Ho et al.
 """
 
 import math
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import timestep_embedding
+from .layers import drop_text, timestep_embedding
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -144,6 +145,8 @@ class UNet(nn.Module):
     row. text: [B, L, context_dim] per-token features, text_mask: [B, L] bool, True on real tokens.
     `learn_sigma` doubles the output channels (epsilon and the variance interpolation v, Nichol & Dhariwal).
     `num_head_channels`, when set, overrides `num_heads` with channels // num_head_channels heads.
+    `text_length` adds a learned null caption [text_length, context_dim] (`null_text`); in training each caption
+    is swapped for it with probability `text_drop_prob`.
     """
 
     def __init__(self, in_channels: int = 3, out_channels: int = 3, ch: int = 128,
@@ -151,8 +154,14 @@ class UNet(nn.Module):
                  num_res_blocks: int = 2, dropout: float = 0.1, image_size: int = 32, learn_sigma: bool = False,
                  num_classes: int | None = None, context_dim: int | None = None, num_heads: int = 1,
                  num_head_channels: int | None = None, resblock_updown: bool = False,
-                 use_scale_shift_norm: bool = False, grad_checkpointing: bool = False):
+                 use_scale_shift_norm: bool = False, grad_checkpointing: bool = False,
+                 text_length: int | None = None, text_drop_prob: float = 0.0):
         super().__init__()
+        if text_length is not None and context_dim is None:
+            raise ValueError("text_length (a null caption) needs text conditioning (context_dim)")
+        if not 0.0 <= text_drop_prob < 1.0 or (text_drop_prob > 0 and text_length is None):
+            raise ValueError(f"text_drop_prob must be in [0, 1) and needs text_length (the null caption), "
+                             f"got {text_drop_prob} with text_length={text_length}")
         if image_size % 2 ** (len(ch_mult) - 1):
             raise ValueError(f"image_size {image_size} not divisible by 2 ** (len(ch_mult) - 1) = "
                              f"{2 ** (len(ch_mult) - 1)}")
@@ -162,6 +171,7 @@ class UNet(nn.Module):
         self.num_levels = len(ch_mult)
         self.num_classes = num_classes
         self.context_dim = context_dim
+        self.text_drop_prob = text_drop_prob
         self.grad_checkpointing = grad_checkpointing
         emb_dim = 4 * ch
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -210,6 +220,11 @@ class UNet(nn.Module):
                 self.up_blocks.append(nn.ModuleList(layers))
         self.norm_out = group_norm(c)
         self.conv_out = zero_module(nn.Conv2d(c, self.out_channels, 3, padding=1))
+        if text_length is not None:
+            # per-token norm ~1, the scale of L2-normalised CLIP features (as the DiffusionTransformer)
+            self.null_text_embed = nn.Parameter(torch.randn(text_length, context_dim) * context_dim ** -0.5)
+        else:
+            self.register_parameter("null_text_embed", None)
 
     @property
     def null_class(self) -> int:
@@ -217,6 +232,13 @@ class UNet(nn.Module):
         if self.num_classes is None:
             raise ValueError("this UNet has no class conditioning (num_classes=None)")
         return self.num_classes
+
+    def null_text(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The learned unconditional caption: features [B, L, context_dim] and an all-True mask [B, L]."""
+        if self.null_text_embed is None:
+            raise ValueError("this UNet has no null caption (text_length=None)")
+        text = self.null_text_embed[None].expand(batch_size, -1, -1)
+        return text, torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
 
     def _embedding(self, t: torch.Tensor, y: torch.Tensor | None, batch: int) -> torch.Tensor:
         if t.ndim != 1 or t.shape[0] != batch:
@@ -267,6 +289,11 @@ class UNet(nn.Module):
                              f"got {list(x.shape)}")
         emb = self._embedding(t, y, b)
         self._check_text(text, text_mask, b)
+        if self.training and self.text_drop_prob > 0 and text is not None:
+            if text.shape[1] != self.null_text_embed.shape[0]:
+                raise ValueError(f"caption dropping needs text of length {self.null_text_embed.shape[0]}, "
+                                 f"got {text.shape[1]}")
+            text, text_mask = drop_text(text, text_mask, self.null_text_embed, self.text_drop_prob)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:

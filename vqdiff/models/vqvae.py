@@ -399,8 +399,23 @@ class GumbelVQVAE(nn.Module):
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.num_embeddings):
             raise ValueError(f"token ids must lie in [0, {self.num_embeddings}), got values in "
                              f"[{int(tokens.min())}, {int(tokens.max())}]")
-        z_q = self.quantize.embed_ids(tokens.long(), self.code_map)
-        return self.decoder(self.post_quant_conv(z_q)).clamp(-1, 1)
+        return self.decode_latents(self.embed_tokens(tokens.long()))
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, h, w] -> their codebook embeddings [B, embedding_dim, h, w]."""
+        return self.quantize.embed_ids(tokens, self.code_map)
+
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the continuous latents of Gaussian latent diffusion: [B, embedding_dim, h, w].
+
+        These are the argmax codes' embeddings, not the pre-quantisation features: those feed the code logits,
+        not the decoder, and the decoder is fine-tuned on argmax codes, so `decode_latents` of these gives
+        exactly `decode(encode(images))`; the latents also follow from a token cache (`embed_tokens`)."""
+        return self.embed_tokens(self.encode(images))
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Continuous latents [B, embedding_dim, h, w] -> images [B, C, h*f, w*f] clamped to [-1, 1]."""
+        return self.decoder(self.post_quant_conv(z)).clamp(-1, 1)
 
     def full_codes(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids -> full codebook codes (the identity when untrimmed)."""

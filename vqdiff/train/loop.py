@@ -8,6 +8,7 @@ mixed precision, logging, sample grids, atomic checkpoints and exact resumption.
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,8 @@ class TrainTask:
     architecture_sections: tuple[str, ...] = ()
     # the per-sample term whose second moment drives importance sampling (VQ-Diffusion: the VLB term "kl")
     sampler_term: str = "loss"
+    # (ema model, generator) -> {metric: value}, run every train.eval_every steps and logged as {"eval": ...}
+    evaluate: Callable | None = None
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
@@ -112,6 +115,24 @@ def step_generator(device, seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 64 + rank)
 
 
+def make_accelerator(tc: TrainConfig, **kwargs) -> Accelerator:
+    """The run's Accelerator; on a machine without CUDA several processes run as gloo MULTI_CPU."""
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=not torch.cuda.is_available(), **kwargs)
+    if accelerator.device.type == "cpu":
+        use_cpu_share(accelerator.num_processes)
+    return accelerator
+
+
+def use_cpu_share(num_processes: int) -> None:
+    """`accelerate launch` exports OMP_NUM_THREADS=1 unless told otherwise, which halves a 2-core run: give each
+    local process its share of the cores instead (a thread count set any other way is left alone)."""
+    launched_by_accelerate = any(key.startswith("ACCELERATE_") for key in os.environ)
+    share = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", num_processes)))
+    if launched_by_accelerate and os.environ.get("OMP_NUM_THREADS") == "1" and share > torch.get_num_threads():
+        log.info("accelerate launch set OMP_NUM_THREADS=1; using %d threads per process (the CPU's share)", share)
+        torch.set_num_threads(share)
+
+
 def train(cfg: ExperimentConfig, task: TrainTask, dataset, resume: "str | None" = None,
           init_from: "str | None" = None, progress: bool = True) -> Path:
     """Train until cfg.train.max_steps; returns the run directory. `resume="auto"` continues from the
@@ -119,15 +140,13 @@ def train(cfg: ExperimentConfig, task: TrainTask, dataset, resume: "str | None" 
     tc = cfg.train
     run_dir = cfg.run_dir
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    # cpu=True without CUDA: several processes (torchrun / accelerate launch --multi_gpu) then run as gloo MULTI_CPU
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, kwargs_handlers=[ddp],
-                              cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(tc, kwargs_handlers=[ddp])
     device = accelerator.device
     model = task.model
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas),
                                   weight_decay=tc.weight_decay)
     ema = EMA(model, tc.ema_decay, tc.ema_every, tc.ema_start)
-    start_step = 0
+    start_step, trained_s = 0, 0.0  # trained_s: wall time of training steps, without previews and evaluations
 
     checkpoint = _checkpoint_to_resume(run_dir, resume)
     if checkpoint is not None:
@@ -139,6 +158,7 @@ def train(cfg: ExperimentConfig, task: TrainTask, dataset, resume: "str | None" 
         task.time_sampler.load_state_dict(state["time_sampler"])
         torch.set_rng_state(state["rng_cpu"][accelerator.process_index % len(state["rng_cpu"])])
         start_step = state["step"]
+        trained_s = state.get("trained_s", 0.0)
         log.info("resumed from %s at step %d", checkpoint, start_step)
     elif init_from is not None:
         source = resolve_checkpoint(init_from)
@@ -160,6 +180,7 @@ def train(cfg: ExperimentConfig, task: TrainTask, dataset, resume: "str | None" 
     bar = tqdm(total=tc.max_steps, initial=start_step, disable=not (progress and accelerator.is_main_process),
                desc=cfg.name, dynamic_ncols=True)
     step = start_step
+    step_started = time.perf_counter()
     for batch in loader:
         batch = _to_device(batch, device)
         generator = step_generator(device, cfg.seed, step, accelerator.process_index)
@@ -193,17 +214,23 @@ def train(cfg: ExperimentConfig, task: TrainTask, dataset, resume: "str | None" 
             if accelerator.is_main_process:
                 with open(run_dir / "log.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
+        trained_s += time.perf_counter() - step_started
         if task.make_samples is not None and tc.sample_every > 0 and (
                 step % tc.sample_every == 0 or step == tc.max_steps) and accelerator.is_main_process:
             _save_samples(task, ema.model, run_dir, step, cfg.seed, device)
+        if task.evaluate is not None and tc.eval_every > 0 and (
+                step % tc.eval_every == 0 or step == tc.max_steps) and accelerator.is_main_process:
+            _log_evaluation(task, ema.model, run_dir, step, trained_s, cfg.seed, device)
         if step % tc.checkpoint_every == 0 or step == tc.max_steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 rng = [torch.get_rng_state()]
                 save_checkpoint(run_dir, step, cfg, raw_model.state_dict(), ema.state_dict(),
                                 optimizer.state_dict(), {"time_sampler": task.time_sampler.state_dict(),
-                                                         "rng_cpu": rng}, keep=tc.keep_checkpoints)
+                                                         "rng_cpu": rng, "trained_s": trained_s},
+                                keep=tc.keep_checkpoints)
             accelerator.wait_for_everyone()
+        step_started = time.perf_counter()
     bar.close()
     if accelerator.num_processes > 1:
         _check_replicas_agree(raw_model, accelerator)
@@ -265,6 +292,14 @@ def _save_samples(task: TrainTask, ema_model, run_dir: Path, step: int, seed: in
     out = run_dir / "samples"
     out.mkdir(parents=True, exist_ok=True)
     image.save(out / f"step_{step:08d}.png")
+
+
+def _log_evaluation(task: TrainTask, ema_model, run_dir: Path, step: int, trained_s: float, seed: int,
+                    device) -> None:
+    metrics = task.evaluate(ema_model, torch.Generator(device=device).manual_seed(seed))
+    log.info("step %d evaluation: %s", step, metrics)
+    with open(run_dir / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "trained_s": trained_s, "eval": metrics}) + "\n")
 
 
 class _Stats:

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from ..config import ExperimentConfig, save_config
@@ -24,8 +23,8 @@ from ..images import make_grid
 from ..models.vqvae import GumbelVQVAE, TemperatureSchedule, batch_images, temperature_at
 from .checkpoint import (CheckpointError, architecture_differences, latest_checkpoint, load_into, load_weights,
                          read_config, read_state, save_checkpoint)
-from .loop import (TrainingDiverged, _checkpoint_to_resume, _to_device, learning_rate, make_loader,
-                   step_generator)
+from .loop import (TrainingDiverged, _checkpoint_to_resume, _to_device, learning_rate, make_accelerator,
+                   make_loader, step_generator)
 from .tokenizer_io import save_tokenizer
 from .vqvae_losses import VQVAELoss, codebook_counts, codebook_perplexity, psnr
 
@@ -95,7 +94,7 @@ def train_vqvae(cfg: ExperimentConfig, model: GumbelVQVAE, loss: VQVAELoss, data
     tc = cfg.train
     run_dir = cfg.run_dir
     # cpu=True without CUDA: several processes then run as gloo MULTI_CPU, as in the diffusion trainer
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(tc)
     device = accelerator.device
     betas = tuple(tc.adam_betas)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=betas, weight_decay=tc.weight_decay)

@@ -1,0 +1,153 @@
+"""Text-to-image Gaussian DDPMs on tiny parts: the pixel and the latent variant train, log evaluations, sample
+through the shared pipeline loader and CLI, save/load; guidance 1 is unguided sampling; scripts/compare.py."""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from vqdiff import build, cli
+from vqdiff.config import DiffusionSpace, load_config
+from vqdiff.eval.compare import time_to_accuracy
+from vqdiff.gaussian_pipeline import GaussianTextToImagePipeline
+from vqdiff.models.vqvae import GumbelVQVAE
+from vqdiff.pipeline import _image_tensor, load_pipeline
+from vqdiff.train.loop import default_collate, train
+from vqdiff.train.tokenizer_io import save_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["a large red circle at the top left", "a small blue square at the center"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """A random tiny tokenizer: 32 px -> 8x8 latents of 16 channels (its quality is irrelevant here)."""
+    torch.manual_seed(0)
+    tokenizer = GumbelVQVAE(resolution=32, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
+                            z_channels=16, embedding_dim=16, num_embeddings=16, norm_groups=8)
+    return save_tokenizer(tokenizer, tmp_path_factory.mktemp("tok") / "tokenizer")
+
+
+def tiny_config(root: Path, name: str, latent: bool, tokenizer_dir: Path, *extra):
+    overrides = [f"name={name}", f"out_dir={root / name}", "data.size=32", "data.num_samples=16", "data.batch_size=4",
+                 "text.context_length=24", "unet.ch=16", "unet.ch_mult=[1,2]", "unet.num_heads=2",
+                 "gaussian.num_timesteps=20", "gaussian.beta_schedule=cosine", "train.max_steps=2",
+                 "train.checkpoint_every=2", "train.log_every=1", "train.sample_every=0", "train.eval_every=2",
+                 "train.eval_prompts=2", "train.num_sample_images=2", "sample.steps=4", "sample.guidance_scale=2.0"]
+    if latent:
+        overrides += [f"tokenizer.path={tokenizer_dir}", "data.tokens=null", "unet.attn_resolutions=[8,4]"]
+    else:
+        overrides += ["unet.attn_resolutions=[16,8]"]
+    config = "ddpm_shapes_latent.yaml" if latent else "ddpm_shapes.yaml"
+    return load_config(ROOT / "configs" / config, overrides + list(extra))
+
+
+def run(cfg):
+    build.seed_everything(cfg.seed)
+    task = build.build_task(cfg)
+    return train(cfg, task, build.build_train_dataset(cfg), progress=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("runs")
+    return {kind: run(tiny_config(root, kind, kind == "latent", tokenizer_dir)) for kind in ("pixel", "latent")}
+
+
+@pytest.mark.parametrize("kind", ["pixel", "latent"])
+def test_trains_logs_evaluations_and_samples_through_the_shared_loader(runs, kind, tmp_path):
+    records = [json.loads(line) for line in (runs[kind] / "log.jsonl").read_text().splitlines()]
+    evaluations = [r for r in records if "eval" in r]
+    assert [r["step"] for r in evaluations] == [2] and evaluations[0]["trained_s"] > 0
+    assert set(evaluations[0]["eval"]) >= {"all", "1 object"}
+
+    pipe = load_pipeline(runs[kind])
+    assert isinstance(pipe, GaussianTextToImagePipeline) and pipe.latent == (kind == "latent")
+    images = pipe(PROMPTS, torch.Generator().manual_seed(0), progress=False, steps="ddim3", sampler="ddim")
+    assert [im.size for im in images] == [(32, 32)] * 2
+    again = GaussianTextToImagePipeline.from_pretrained(pipe.save_pretrained(tmp_path / "pipe"))
+    images_again = again(PROMPTS, torch.Generator().manual_seed(0), progress=False, steps="ddim3", sampler="ddim")
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(images, images_again))
+
+    out = tmp_path / "grid.png"
+    assert cli.main(["sample", PROMPTS[0], "--model", str(tmp_path / "pipe"), "--steps", "ddim3", "--sampler", "ddim",
+                     "--guidance", "3", "--out", str(out), "--gif", str(tmp_path / "p.gif")]) == 0
+    assert Image.open(out).size[0] > 0 and (tmp_path / "p.gif").stat().st_size > 0
+    assert cli.main(["sample", PROMPTS[0], "--model", str(runs[kind]), "--truncation", "0.8",
+                     "--out", str(out)]) == 1  # a VQ-Diffusion option is refused, not ignored
+
+
+def test_guidance_scale_one_is_unguided_sampling(runs):
+    pipe = load_pipeline(runs["pixel"])
+    with torch.no_grad():  # the zero-initialised output layers (barely trained) made large: the caption matters
+        for p in pipe.model.network.parameters():
+            if p.abs().amax() < 1e-2:
+                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    pipe.cfg.sample.clip_denoised = False  # a random network's x0 would clip to +-1 with and without guidance
+    text, mask = pipe.model.encode_text(PROMPTS)
+    unguided = pipe.diffusion.sample(pipe.model.network, (2, 3, 32, 32), {"text": text, "text_mask": mask},
+                                     steps=4, sampler="ddim", clip_denoised=False,
+                                     generator=torch.Generator().manual_seed(5), progress=False)
+    states = list(pipe.sample_iter(PROMPTS, torch.Generator().manual_seed(5), progress=False, steps=4,
+                                   sampler="ddim", guidance_scale=1.0))
+    torch.testing.assert_close(states[-1], unguided, rtol=0, atol=0)
+    guided = list(pipe.sample_iter(PROMPTS, torch.Generator().manual_seed(5), progress=False, steps=4,
+                                   sampler="ddim", guidance_scale=3.0))[-1]
+    assert (guided - unguided).abs().amax() > 1e-3
+
+
+def test_latent_variant_encodes_diffuses_and_decodes_through_the_tokenizer(runs, tokenizer_dir):
+    pipe = load_pipeline(runs["latent"])
+    cfg, tokenizer = pipe.cfg, pipe.tokenizer
+    assert cfg.gaussian.space is DiffusionSpace.LATENT and pipe.shape == (16, 8, 8)
+    # the scale saved with the run is 1 / std of the first training latents: they have unit variance
+    batch = default_collate([build.build_train_dataset(cfg)[i] for i in range(16)])
+    latents = build.ddpm_latents(tokenizer, batch, (8, 8))
+    assert latents.shape == (16, 16, 8, 8)
+    assert abs((latents * cfg.gaussian.latent_scale).std().item() - 1) < 1e-3
+    assert load_config(runs["latent"] / "config.yaml").gaussian.latent_scale == cfg.gaussian.latent_scale
+    # decoding the scaled latents of images gives the tokenizer's reconstruction of them
+    reconstruction = tokenizer.decode(tokenizer.encode(batch["image"][:2]))
+    decoded = torch.stack([_image_tensor(image, 32) for image in pipe.decode(latents[:2] * cfg.gaussian.latent_scale)])
+    torch.testing.assert_close(decoded, reconstruction, rtol=0, atol=1.5 / 127.5)  # 8-bit rounding
+    # sampling diffuses latents, and the images are their decodings at the unscaled size
+    states = list(pipe.sample_iter(PROMPTS, torch.Generator().manual_seed(0), progress=False, steps=3))
+    assert len(states) == 3 and states[-1].shape == (2, 16, 8, 8)
+    decoded = tokenizer.decode_latents(states[-1] / cfg.gaussian.latent_scale)
+    images = pipe(PROMPTS, torch.Generator().manual_seed(0), progress=False, steps=3)
+    torch.testing.assert_close(torch.stack([_image_tensor(image, 32) for image in images]), decoded,
+                               rtol=0, atol=1.5 / 127.5)
+
+
+def test_time_to_accuracy_reads_logged_evaluations(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in [
+        {"step": 50, "loss": 0.3}, {"step": 100, "trained_s": 60.0, "eval": {"1 object": 0.5}},
+        {"step": 200, "trained_s": 130.0, "eval": {"1 object": 0.85}},
+        {"step": 300, "trained_s": 200.0, "eval": {"1 object": 0.9}}]) + "\n")
+    assert time_to_accuracy(log) == 130.0
+    assert time_to_accuracy(log, threshold=0.95) == "not reached"
+    assert time_to_accuracy(log, group="2 objects") == "not logged"
+    assert time_to_accuracy(None) == "not logged"
+
+
+def test_compare_script_on_two_tiny_models(runs, tmp_path, monkeypatch, capsys):
+    pipeline_dir = load_pipeline(runs["latent"]).save_pretrained(tmp_path / "latent_pipe")  # no training log
+    grid = tmp_path / "compare.png"
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--models", str(runs["pixel"]), str(pipeline_dir), "--n", "2",
+                                      "--step-counts", "2", "3", "--speed-n", "2", "--grid", str(grid),
+                                      "--grid-prompts", "2", "--json", str(tmp_path / "rows.json")])
+    runpy.run_path(str(ROOT / "scripts" / "compare.py"), run_name="__main__")
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(rows) == 3 and "img/s @2" in rows[0] and "img/s @3" in rows[0]
+    assert rows[1].startswith("| pixel | DDPM pixel |") and rows[1].endswith("| not reached |")
+    assert rows[2].startswith("| latent_pipe | DDPM latent |") and rows[2].endswith("| not logged |")
+    saved = json.loads((tmp_path / "rows.json").read_text())
+    assert saved[1]["parameters"]["tokenizer"] > 0 == saved[0]["parameters"]["tokenizer"]
+    assert set(saved[0]["accuracy"]) == {"1 object", "2 objects", "seen", "held-out"}
+    picture = Image.open(grid)
+    assert picture.height >= 2 * 128 and picture.width >= 150 + 2 * 128  # two rows of two upscaled tiles
