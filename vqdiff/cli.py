@@ -252,12 +252,17 @@ def convert_official_command(argv: list[str]) -> Path:
     parser.add_argument("--trust-pickle", action="store_true",
                         help="unpickle Python objects in the file (can run code from it): only for files you trust")
     args = parser.parse_intermixed_args(argv)
-    from .interop.official import OfficialCheckpointError, convert_official
+    from .interop.official import OfficialCheckpointError
+    from .pipeline import TextToImagePipeline
     try:
-        out = convert_official(args.checkpoint, args.out, codes_map=args.codes_map, weights=args.weights,
-                               trust_pickle=args.trust_pickle)
+        pipe = TextToImagePipeline.from_official(args.checkpoint, codes_map=args.codes_map, weights=args.weights,
+                                                 trust_pickle=args.trust_pickle)
     except OfficialCheckpointError as error:
         raise ConfigError(str(error)) from error
+    network = pipe.model.network
+    log.info("%s (%s weights): %d layers, %d classes, %s", args.checkpoint, args.weights, len(network.blocks),
+             network.num_classes, "learned null text" if network.empty_text_embed is not None else "no null text")
+    out = pipe.save_pretrained(args.out)
     log.info("wrote %s (vqdiff sample --model %s ...)", out, out)
     return out
 

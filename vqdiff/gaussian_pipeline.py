@@ -6,8 +6,6 @@ with the same calls: `pipe(prompts, generator, steps=..., guidance_scale=...)`, 
 """
 
 import copy
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -17,7 +15,8 @@ from . import build
 from .config import ConfigError, DiffusionSpace, save_config
 from .images import make_grid, to_pil
 from .pipeline import preview_prompts
-from .train.checkpoint import CheckpointError, load_into, load_weights, read_config, resolve_checkpoint, save_weights
+from .train.checkpoint import (CheckpointError, atomic_directory, load_into, load_weights, read_config,
+                               resolve_checkpoint, save_weights)
 
 PIPELINE_FILES = ("config.yaml", "unet.safetensors", "text_encoder.safetensors")
 VQ_ONLY_OPTIONS = ("truncation_rate", "temperature", "strategy")
@@ -87,21 +86,15 @@ class GaussianTextToImagePipeline:
     def save_pretrained(self, path) -> Path:
         """config.yaml, unet.safetensors, text_encoder.safetensors and, for latents, tokenizer/ (atomically)."""
         from .train.tokenizer_io import save_tokenizer
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         cfg = copy.deepcopy(self.cfg)
-        if self.latent:
-            cfg.tokenizer.path = "tokenizer"  # relative to the pipeline directory
-            save_tokenizer(self.tokenizer, tmp / "tokenizer")
-        save_config(cfg, tmp / "config.yaml")
-        save_weights(self.model.network.state_dict(), tmp / "unet.safetensors")
-        save_weights(self.model.text_encoder.state_dict(), tmp / "text_encoder.safetensors")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        return path
+        with atomic_directory(path) as tmp:
+            if self.latent:
+                cfg.tokenizer.path = "tokenizer"  # relative to the pipeline directory
+                save_tokenizer(self.tokenizer, tmp / "tokenizer")
+            save_config(cfg, tmp / "config.yaml")
+            save_weights(self.model.network.state_dict(), tmp / "unet.safetensors")
+            save_weights(self.model.text_encoder.state_dict(), tmp / "text_encoder.safetensors")
+        return Path(path)
 
     # ---- sampling --------------------------------------------------------------------------------
 

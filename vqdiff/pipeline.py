@@ -1,8 +1,6 @@
 """Trained models as objects a user can call: load a checkpoint, get samples and pictures."""
 
 import copy
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +155,17 @@ class TextToImagePipeline:
                                                                                                          dtype)
 
     @classmethod
+    def from_official(cls, checkpoint, codes_map=None, weights: str = "ema",
+                      trust_pickle: bool = False) -> "TextToImagePipeline":
+        """A released VQ-Diffusion `.pth` (COCO/CUB/CC with its codes map `taming_vqvae_2887.pt`, or ITHQ), see
+        vqdiff.interop.official.load_official; `save_pretrained` then writes it as a vqdiff directory."""
+        from .interop.official import load_official
+        from .models.conditioned import TextConditioned
+        cfg, tokenizer, network, text_encoder = load_official(checkpoint, codes_map, weights, trust_pickle)
+        return cls(cfg, tokenizer, TextConditioned(network, text_encoder),
+                   build.build_discrete_diffusion(cfg, tokenizer.num_embeddings))
+
+    @classmethod
     def _from_pipeline_dir(cls, path: Path) -> "TextToImagePipeline":
         from .train.tokenizer_io import load_tokenizer
         missing = [name for name in PIPELINE_FILES if not (path / name).exists()]
@@ -176,22 +185,16 @@ class TextToImagePipeline:
     def save_pretrained(self, path) -> Path:
         """config.yaml, tokenizer/, transformer.safetensors, text_encoder.safetensors (written atomically)."""
         from .config import save_config
-        from .train.checkpoint import save_weights
+        from .train.checkpoint import atomic_directory, save_weights
         from .train.tokenizer_io import save_tokenizer
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         cfg = copy.deepcopy(self.cfg)
         cfg.tokenizer.path = "tokenizer"  # relative to the pipeline directory
-        save_config(cfg, tmp / "config.yaml")
-        save_tokenizer(self.tokenizer, tmp / "tokenizer")
-        save_weights(self.model.network.state_dict(), tmp / "transformer.safetensors")
-        save_weights(self.model.text_encoder.state_dict(), tmp / "text_encoder.safetensors")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        return path
+        with atomic_directory(path) as tmp:
+            save_config(cfg, tmp / "config.yaml")
+            save_tokenizer(self.tokenizer, tmp / "tokenizer")
+            save_weights(self.model.network.state_dict(), tmp / "transformer.safetensors")
+            save_weights(self.model.text_encoder.state_dict(), tmp / "text_encoder.safetensors")
+        return Path(path)
 
     # ---- sampling --------------------------------------------------------------------------------
 

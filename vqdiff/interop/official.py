@@ -16,30 +16,22 @@ The released network is DiffusionTransformer with `time_embedding="table"`, `mlp
 `mask_text_padding=False` (it attends over all 77 text positions); sizes are read from the shapes. Beside it,
 `condition_emb.*` holds OpenAI's CLIP ViT-B/32 text tower in open_clip names (float16 linears), and `model` alone
 holds the codec under `content_codec.{enc,dec}.*`: taming's Gumbel f8 VQGAN (COCO/CUB/CC, trimmed by a separate
-codes map) or ITHQ's PatchVQGAN. `convert_official` turns a file into a TextToImagePipeline directory.
+codes map) or ITHQ's PatchVQGAN. `TextToImagePipeline.from_official` wraps the parts (`vqdiff convert official` saves them).
 """
 
-import json
-import logging
-import os
 import pickle
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from ..config import ExperimentConfig, ModelType, Network, save_config
+from ..config import ExperimentConfig, ModelType, Network
 from ..models.loading import load_exactly
 from ..models.patch_vqgan import PatchVQGAN
 from ..models.text import CLIPTextEncoder, text_encoder_from_state_dict
-from ..models.tokenizers import tokenizer_type
 from ..models.transformer import DiffusionTransformer
 from ..models.vqvae import GUMBEL_F8_CONFIG, GumbelVQVAE
 from .taming import TamingKeyError, load_taming_gumbel
-
-log = logging.getLogger(__name__)
 
 NETWORK_PREFIXES = ("transformer.transformer.", "transformer.", "")  # whole model, EMA dict, bare network
 UNUSED_SUFFIXES = (".attn2.mask",)  # a causal-mask buffer that the forward never reads (76 MiB in a B file)
@@ -224,21 +216,6 @@ def load_ithq_codec(state: Mapping[str, torch.Tensor], config: Mapping | None = 
 WEIGHTS_CHOICES = ("ema", "model")
 
 
-def convert_official(ckpt_path: "str | Path", out_dir: "str | Path",
-                     codes_map: "torch.Tensor | str | Path | None" = None, weights: str = "ema",
-                     trust_pickle: bool = False) -> Path:
-    """Write a released `.pth` as a directory that `TextToImagePipeline.from_pretrained` loads (see load_official).
-
-    The file is memory-mapped, so about two copies of the weights are held at most: the float32 models and their
-    serialisation."""
-    cfg, tokenizer, network, text_encoder = load_official(ckpt_path, codes_map, weights, trust_pickle)
-    out = write_pipeline_dir(out_dir, cfg, tokenizer, network, text_encoder)
-    log.info("converted %s (%s weights: %d layers, %d classes, %s) into %s", ckpt_path, weights,
-             len(network.blocks), network.num_classes,
-             "learned null text" if network.empty_text_embed is not None else "no learned null text", out)
-    return out
-
-
 def load_official(ckpt_path: "str | Path", codes_map: "torch.Tensor | str | Path | None" = None,
                   weights: str = "ema", trust_pickle: bool = False):
     """(ExperimentConfig, codec, DiffusionTransformer, CLIPTextEncoder) of a released `.pth`.
@@ -283,7 +260,7 @@ def pipeline_config(name: str, tokenizer, network: DiffusionTransformer, text_en
     cfg = ExperimentConfig(name=name, model=ModelType.VQ_DIFFUSION, network=Network.TRANSFORMER)
     cfg.data.name, cfg.data.size = "captions", network.grid_size[0] * tokenizer.downsample_factor
     cfg.tokenizer.path, cfg.tokenizer.num_embeddings = "tokenizer", tokenizer.num_embeddings  # inside the directory
-    cfg.text.arch, cfg.text.weights, cfg.text.trainable = text_encoder.arch, TEXT_ENCODER_FILE, False
+    cfg.text.arch, cfg.text.weights, cfg.text.trainable = text_encoder.arch, "text_encoder.safetensors", False
     cfg.text.context_length, cfg.text.normalize = text_encoder.context_length, text_encoder.normalize
     t = cfg.transformer
     t.num_layers, t.width, t.num_heads = len(network.blocks), width, block.attn1.num_heads
@@ -294,28 +271,3 @@ def pipeline_config(name: str, tokenizer, network: DiffusionTransformer, text_en
     # README: truncation 0.86 without guidance; with the learned null text, truncation 1.0 and guidance 5.0
     cfg.sample.truncation_rate, cfg.sample.guidance_scale = (1.0, 5.0) if learned_null else (0.86, 1.0)
     return cfg
-
-
-# TextToImagePipeline.save_pretrained's layout (pipeline.py and train/tokenizer_io.py, which interop/ does not
-# import); tests/interop/test_official.py loads a converted directory with from_pretrained.
-TEXT_ENCODER_FILE = "text_encoder.safetensors"
-
-
-def write_pipeline_dir(out_dir: "str | Path", cfg, tokenizer, network, text_encoder) -> Path:
-    """config.yaml, tokenizer/{config.json, model.safetensors}, transformer.safetensors, text_encoder.safetensors,
-    written into a temporary directory and renamed."""
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "tokenizer").mkdir(parents=True)
-    save_config(cfg, tmp / "config.yaml")
-    config = {"type": tokenizer_type(tokenizer), **tokenizer.config}
-    (tmp / "tokenizer" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    files = {"tokenizer/model.safetensors": tokenizer, "transformer.safetensors": network,
-             TEXT_ENCODER_FILE: text_encoder}
-    for name, module in files.items():
-        save_file({key: value.contiguous() for key, value in module.state_dict().items()}, str(tmp / name))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out

@@ -12,10 +12,12 @@ half-written checkpoint where `latest_checkpoint` would find it. Tensors load wi
 `torch.load(weights_only=True)`.
 """
 
+import contextlib
 import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -77,6 +79,21 @@ def _fsync_dir(path: Path) -> None:
         if file.is_file():
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_directory(path: "str | Path") -> Iterator[Path]:
+    """A temporary sibling of `path` to write into; it replaces `path` only once the block completes, so an
+    interrupted save never leaves a half-written directory in its place."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    _fsync_dir(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
 
 
 def list_checkpoints(run_dir: "str | Path") -> list[Path]:
