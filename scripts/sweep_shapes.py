@@ -14,13 +14,9 @@ import argparse
 import json
 import time
 
-import torch
-
 from vqdiff.data.shapes import eval_prompts
-from vqdiff.eval.shapes import evaluate
+from vqdiff.eval.compare import GROUPS, accuracies, sample_images
 from vqdiff.pipeline import TextToImagePipeline
-
-GROUPS = ("1 object", "2 objects", "seen", "held-out")
 
 
 def cells(table: str, guidance: float, num_timesteps: int) -> list[dict]:
@@ -35,14 +31,11 @@ def cells(table: str, guidance: float, num_timesteps: int) -> list[dict]:
 
 
 def run_cell(pipe, prompts: list[str], options: dict, batch_size: int, seed: int) -> dict:
-    generator = torch.Generator(pipe.device).manual_seed(seed)
-    images, started = [], time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        images += pipe(prompts[i:i + batch_size], generator, progress=False, **options)
+    started = time.perf_counter()
+    images = sample_images(pipe, prompts, batch_size, seed, **options)
     seconds = time.perf_counter() - started
-    groups = evaluate(images, prompts).groups
-    accuracy = {name: groups[name]["image"] if name in groups else None for name in GROUPS}
-    return {"options": pipe._options(**options), "accuracy": accuracy, "images_per_s": len(images) / seconds}
+    return {"options": pipe._options(**options), "accuracy": accuracies(images, prompts),
+            "images_per_s": len(images) / seconds}
 
 
 def main() -> None:
