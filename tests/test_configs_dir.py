@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from vqdiff import build
 from vqdiff.config import load_config
@@ -21,3 +22,23 @@ def test_b_preset_counts_like_the_released_model():
     counts = build.parameter_counts(cfg, num_classes=2887)
     assert counts["transformer.total"] - counts["transformer.empty_text_embed"] == 388_780_871
     assert counts["text_encoder"] == 63_428_096
+
+
+
+@pytest.mark.parametrize("config", ["shapes_tiny", "ddpm_shapes"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_null_text_starts_at_the_scale_of_the_text_features(config, normalize):
+    """The learned unconditional input (transformer or UNet) begins with the per-token norm of real captions'
+    features (1 when L2-normalised, about sqrt(width) for raw layer-norm outputs): no scale jump on a drop."""
+    cfg = load_config(Path(__file__).resolve().parents[1] / f"configs/{config}.yaml", [f"text.normalize={normalize}"])
+    if config == "ddpm_shapes":
+        model = build.build_ddpm_model(cfg)
+    else:
+        model = build.build_vq_model(cfg, num_classes=16, grid_size=(8, 8))
+    with torch.no_grad():
+        features, mask = model.text_encoder(["a large red circle at the top left", "a small blue square at the top"])
+    null_text, = [p for name, p in model.network.named_parameters() if name in ("empty_text_embed", "null_text_embed")]
+    real = features[mask].norm(dim=-1).mean()
+    null = null_text.detach().norm(dim=-1).mean()
+    assert real == pytest.approx(1.0 if normalize else 256 ** 0.5, rel=0.05)
+    assert null == pytest.approx(real.item(), rel=0.15)

@@ -14,22 +14,11 @@ from vqdiff import build, cli
 from vqdiff.config import DiffusionSpace, load_config
 from vqdiff.eval.compare import time_to_accuracy
 from vqdiff.gaussian_pipeline import GaussianTextToImagePipeline
-from vqdiff.models.vqvae import GumbelVQVAE
 from vqdiff.pipeline import _image_tensor, load_pipeline
 from vqdiff.train.loop import default_collate, train
-from vqdiff.train.tokenizer_io import save_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a large red circle at the top left", "a small blue square at the center"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    """A random tiny tokenizer: 32 px -> 8x8 latents of 16 channels (its quality is irrelevant here)."""
-    torch.manual_seed(0)
-    tokenizer = GumbelVQVAE(resolution=32, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
-                            z_channels=16, embedding_dim=16, num_embeddings=16, norm_groups=8)
-    return save_tokenizer(tokenizer, tmp_path_factory.mktemp("tok") / "tokenizer")
 
 
 def tiny_config(root: Path, name: str, latent: bool, tokenizer_dir: Path, *extra):

@@ -17,18 +17,8 @@ from vqdiff.models.vqvae import GumbelVQVAE
 from vqdiff.pipeline import TextToImagePipeline, _image_tensor
 from vqdiff.train.checkpoint import CheckpointError, latest_checkpoint, load_weights
 from vqdiff.train.loop import train
-from vqdiff.train.tokenizer_io import save_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    """A random tiny tokenizer: 32 px -> 8x8 tokens over 16 codes (its quality is irrelevant here)."""
-    torch.manual_seed(0)
-    tokenizer = GumbelVQVAE(resolution=32, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
-                            z_channels=16, embedding_dim=16, num_embeddings=16, norm_groups=8)
-    return save_tokenizer(tokenizer, tmp_path_factory.mktemp("tok") / "tokenizer")
 
 
 def tiny_overrides(tmp_path, tokenizer_dir, name, steps):

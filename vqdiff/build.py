@@ -88,8 +88,8 @@ def build_network(cfg: ExperimentConfig, shape: tuple[int, ...] | None = None,
             if len(shape) != 3:
                 raise ConfigError("network: unet needs image data; use mlp for data.name=toy2d")
             u = cfg.unet
-            text = dict(context_dim=context_dim, text_length=cfg.text.context_length,
-                        text_drop_prob=u.text_drop_prob) if u.text else {}
+            text = dict(context_dim=context_dim, text_length=cfg.text.context_length, text_drop_prob=u.text_drop_prob,
+                        null_text_std=None if cfg.text.normalize else 1.0) if u.text else {}
             return UNet(in_channels=shape[0], out_channels=shape[0], ch=u.ch, ch_mult=tuple(u.ch_mult),
                         attn_resolutions=tuple(u.attn_resolutions), num_res_blocks=u.num_res_blocks,
                         dropout=u.dropout, image_size=shape[1], learn_sigma=learn_sigma,
@@ -272,8 +272,10 @@ def build_vq_model(cfg: ExperimentConfig, num_classes: int, grid_size: tuple[int
     from .models.conditioned import TextConditioned
     from .models.transformer import DiffusionTransformer
     text_encoder = build_text_encoder(cfg)
+    # Un-normalised features are layer-norm outputs (unit variance per element): start the null text there too.
     transformer = DiffusionTransformer(num_classes=num_classes, grid_size=grid_size, text_dim=text_encoder.dim,
-                                       text_length=cfg.text.context_length, **transformer_kwargs(cfg))
+                                       text_length=cfg.text.context_length,
+                                       null_text_std=None if cfg.text.normalize else 1.0, **transformer_kwargs(cfg))
     return TextConditioned(transformer, text_encoder)
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vqvae import Decoder, Encoder
+from .vqvae import Decoder, Encoder, ImageCodec
 
 # ITHQ (ithq_vqvae.pth): 256 px -> 32x32 tokens over 4096 codes of dimension 128.
 ITHQ_CONFIG = dict(
@@ -40,7 +40,7 @@ class NearestQuantizer(nn.Module):
         return F.embedding(ids, self.embedding).permute(0, 3, 1, 2)  # [B, D, h, w]
 
 
-class PatchVQGAN(nn.Module):
+class PatchVQGAN(ImageCodec):
     """Encoder -> quant_conv -> NearestQuantizer -> post_quant_conv -> Decoder.
 
     Images are float [B, 3, H, W] in [-1, 1] with H, W divisible by `downsample_factor`; tokens are int64
@@ -75,30 +75,10 @@ class PatchVQGAN(nn.Module):
     def num_embeddings(self) -> int:
         return self.quantize.embedding.shape[0]
 
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.config["ch_mult"]) - 1)
-
-    def check_images(self, images: torch.Tensor) -> None:
-        if images.dim() != 4 or images.shape[1] != self.config["in_channels"]:
-            raise ValueError(f"images must be [B, {self.config['in_channels']}, H, W], got {list(images.shape)}")
-        f = self.downsample_factor
-        if images.shape[2] % f or images.shape[3] % f:
-            raise ValueError(f"image size {list(images.shape[2:])} is not divisible by the downsample factor {f}")
-
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> token ids [B, H/f, W/f] (int64), the nearest code per position."""
         self.check_images(images)
         return self.quantize.ids(self.quant_conv(self.encoder(images)))
-
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, h, w] -> images [B, C, h*f, w*f] clamped to [-1, 1]."""
-        if tokens.dim() != 3 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-            raise ValueError(f"tokens must be an integer tensor [B, h, w], got {tokens.dtype} {list(tokens.shape)}")
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.num_embeddings):
-            raise ValueError(f"token ids must lie in [0, {self.num_embeddings}), got values in "
-                             f"[{int(tokens.min())}, {int(tokens.max())}]")
-        return self.decode_latents(self.embed_tokens(tokens.long()))
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids [B, h, w] -> their codebook embeddings [B, embedding_dim, h, w]."""
@@ -107,7 +87,3 @@ class PatchVQGAN(nn.Module):
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> the nearest codes' embeddings [B, embedding_dim, h, w] (as GumbelVQVAE)."""
         return self.embed_tokens(self.encode(images))
-
-    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """Continuous latents [B, embedding_dim, h, w] -> images [B, C, h*f, w*f] clamped to [-1, 1]."""
-        return self.decoder(self.post_quant_conv(z)).clamp(-1, 1)

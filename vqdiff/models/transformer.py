@@ -71,7 +71,9 @@ class DiffusionTransformer(nn.Module):
     `mask_text_padding=False` (they attend over all 77 text positions, pads included).
     `null_text_embedding` adds a learned [text_length, text_dim] unconditional input (Tang et al. 2022,
     learnable classifier-free guidance); `text_drop_prob` swaps it in for a caption with that probability
-    in training.
+    in training. It starts at the scale of the text features: `null_text_std` per element, by default
+    1/sqrt(text_dim) (per-token norm ~1, as L2-normalised CLIP features have); 1.0 suits un-normalised
+    layer-norm outputs.
     """
 
     def __init__(self, num_classes: int, width: int, num_layers: int, num_heads: int,
@@ -79,7 +81,7 @@ class DiffusionTransformer(nn.Module):
                  num_steps: int = 100, time_embedding: TimeEmbedding | str = TimeEmbedding.TABLE,
                  mlp_activation: Activation | str = Activation.GELU, mlp_ratio: float = 4.0,
                  mask_text_padding: bool = True, null_text_embedding: bool = False, text_drop_prob: float = 0.0,
-                 dropout: float = 0.0, gradient_checkpointing: bool = False):
+                 null_text_std: float | None = None, dropout: float = 0.0, gradient_checkpointing: bool = False):
         super().__init__()
         if not 0.0 <= text_drop_prob < 1.0:
             raise ValueError(f"text_drop_prob must be in [0, 1), got {text_drop_prob}")
@@ -96,8 +98,8 @@ class DiffusionTransformer(nn.Module):
         self.to_logits = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, num_classes))
         self.apply(init_weights)
         if null_text_embedding:
-            # Normal with std 1/sqrt(text_dim): per-token norm ~1, the scale of L2-normalised CLIP features.
-            self.empty_text_embed = nn.Parameter(torch.randn(text_length, text_dim) * text_dim ** -0.5)
+            std = text_dim ** -0.5 if null_text_std is None else null_text_std
+            self.empty_text_embed = nn.Parameter(torch.randn(text_length, text_dim) * std)
         else:
             self.register_parameter("empty_text_embed", None)
 

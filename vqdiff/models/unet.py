@@ -146,7 +146,8 @@ class UNet(nn.Module):
     `learn_sigma` doubles the output channels (epsilon and the variance interpolation v, Nichol & Dhariwal).
     `num_head_channels`, when set, overrides `num_heads` with channels // num_head_channels heads.
     `text_length` adds a learned null caption [text_length, context_dim] (`null_text`); in training each caption
-    is swapped for it with probability `text_drop_prob`.
+    is swapped for it with probability `text_drop_prob`. It starts at `null_text_std` per element (default
+    1/sqrt(context_dim), the scale of L2-normalised features; 1.0 for raw layer-norm outputs).
     """
 
     def __init__(self, in_channels: int = 3, out_channels: int = 3, ch: int = 128,
@@ -155,7 +156,7 @@ class UNet(nn.Module):
                  num_classes: int | None = None, context_dim: int | None = None, num_heads: int = 1,
                  num_head_channels: int | None = None, resblock_updown: bool = False,
                  use_scale_shift_norm: bool = False, grad_checkpointing: bool = False,
-                 text_length: int | None = None, text_drop_prob: float = 0.0):
+                 text_length: int | None = None, text_drop_prob: float = 0.0, null_text_std: float | None = None):
         super().__init__()
         if text_length is not None and context_dim is None:
             raise ValueError("text_length (a null caption) needs text conditioning (context_dim)")
@@ -221,8 +222,8 @@ class UNet(nn.Module):
         self.norm_out = group_norm(c)
         self.conv_out = zero_module(nn.Conv2d(c, self.out_channels, 3, padding=1))
         if text_length is not None:
-            # per-token norm ~1, the scale of L2-normalised CLIP features (as the DiffusionTransformer)
-            self.null_text_embed = nn.Parameter(torch.randn(text_length, context_dim) * context_dim ** -0.5)
+            std = context_dim ** -0.5 if null_text_std is None else null_text_std
+            self.null_text_embed = nn.Parameter(torch.randn(text_length, context_dim) * std)
         else:
             self.register_parameter("null_text_embed", None)
 

@@ -305,7 +305,37 @@ def batch_images(batch, key: str) -> torch.Tensor:
     return batch
 
 
-class GumbelVQVAE(nn.Module):
+class ImageCodec(nn.Module):
+    """What both tokenizers (GumbelVQVAE, PatchVQGAN) share: image checks and decoding token ids through
+    their code embeddings. A subclass sets `config` (in_channels, ch_mult), `decoder`, `post_quant_conv`,
+    and defines `num_embeddings`, `encode` and `embed_tokens`."""
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.config["ch_mult"]) - 1)
+
+    def check_images(self, images: torch.Tensor) -> None:
+        if images.dim() != 4 or images.shape[1] != self.config["in_channels"]:
+            raise ValueError(f"images must be [B, {self.config['in_channels']}, H, W], got {list(images.shape)}")
+        f = self.downsample_factor
+        if images.shape[2] % f or images.shape[3] % f:
+            raise ValueError(f"image size {list(images.shape[2:])} is not divisible by the downsample factor {f}")
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, h, w] -> images [B, C, h*f, w*f] clamped to [-1, 1]."""
+        if tokens.dim() != 3 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise ValueError(f"tokens must be an integer tensor [B, h, w], got {tokens.dtype} {list(tokens.shape)}")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.num_embeddings):
+            raise ValueError(f"token ids must lie in [0, {self.num_embeddings}), got values in "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+        return self.decode_latents(self.embed_tokens(tokens.long()))
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Continuous latents [B, embedding_dim, h, w] -> images [B, C, h*f, w*f] clamped to [-1, 1]."""
+        return self.decoder(self.post_quant_conv(z)).clamp(-1, 1)
+
+
+class GumbelVQVAE(ImageCodec):
     """Encoder -> quant_conv -> GumbelQuantizer -> post_quant_conv -> Decoder.
 
     Images are float [B, 3, H, W] in [-1, 1] with H, W divisible by `downsample_factor`; tokens are int64 [B, h, w]
@@ -361,20 +391,9 @@ class GumbelVQVAE(nn.Module):
         return self.quantize.num_embeddings
 
     @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.config["ch_mult"]) - 1)
-
-    @property
     def last_layer(self) -> torch.Tensor:
         """The decoder's output weight, where the adaptive GAN weight compares gradient norms."""
         return self.decoder.conv_out.weight
-
-    def check_images(self, images: torch.Tensor) -> None:
-        if images.dim() != 4 or images.shape[1] != self.config["in_channels"]:
-            raise ValueError(f"images must be [B, {self.config['in_channels']}, H, W], got {list(images.shape)}")
-        f = self.downsample_factor
-        if images.shape[2] % f or images.shape[3] % f:
-            raise ValueError(f"image size {list(images.shape[2:])} is not divisible by the downsample factor {f}")
 
     def forward(self, images: torch.Tensor, temperature: float | None = None,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -392,15 +411,6 @@ class GumbelVQVAE(nn.Module):
         z = self.quant_conv(self.encoder(images))
         return self.quantize.sample_ids(z, sample, self.code_map, generator)
 
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, h, w] -> images [B, C, h*f, w*f] clamped to [-1, 1]."""
-        if tokens.dim() != 3 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-            raise ValueError(f"tokens must be an integer tensor [B, h, w], got {tokens.dtype} {list(tokens.shape)}")
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.num_embeddings):
-            raise ValueError(f"token ids must lie in [0, {self.num_embeddings}), got values in "
-                             f"[{int(tokens.min())}, {int(tokens.max())}]")
-        return self.decode_latents(self.embed_tokens(tokens.long()))
-
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids [B, h, w] -> their codebook embeddings [B, embedding_dim, h, w]."""
         return self.quantize.embed_ids(tokens, self.code_map)
@@ -412,10 +422,6 @@ class GumbelVQVAE(nn.Module):
         not the decoder, and the decoder is fine-tuned on argmax codes, so `decode_latents` of these gives
         exactly `decode(encode(images))`; the latents also follow from a token cache (`embed_tokens`)."""
         return self.embed_tokens(self.encode(images))
-
-    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """Continuous latents [B, embedding_dim, h, w] -> images [B, C, h*f, w*f] clamped to [-1, 1]."""
-        return self.decoder(self.post_quant_conv(z)).clamp(-1, 1)
 
     def full_codes(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids -> full codebook codes (the identity when untrimmed)."""
