@@ -89,7 +89,7 @@ def build_network(cfg: ExperimentConfig, shape: tuple[int, ...] | None = None,
                 raise ConfigError("network: unet needs image data; use mlp for data.name=toy2d")
             u = cfg.unet
             text = dict(context_dim=context_dim, text_length=cfg.text.context_length, text_drop_prob=u.text_drop_prob,
-                        null_text_std=None if cfg.text.normalize else 1.0) if u.text else {}
+                        null_text_std=null_text_std(cfg)) if u.text else {}
             return UNet(in_channels=shape[0], out_channels=shape[0], ch=u.ch, ch_mult=tuple(u.ch_mult),
                         attn_resolutions=tuple(u.attn_resolutions), num_res_blocks=u.num_res_blocks,
                         dropout=u.dropout, image_size=shape[1], learn_sigma=learn_sigma,
@@ -246,6 +246,12 @@ def build_task(cfg: ExperimentConfig) -> TrainTask:
 VQ_ARCHITECTURE = ("transformer", "text", "discrete.num_timesteps", "tokenizer.path", "data.size")
 
 
+def null_text_std(cfg: ExperimentConfig) -> float | None:
+    """Per-element scale for a learned null caption: the networks' default (1/sqrt(width), L2-normalised features),
+    or 1 for un-normalised features, which are layer-norm outputs."""
+    return None if cfg.text.normalize else 1.0
+
+
 def build_text_encoder(cfg: ExperimentConfig):
     from .models.text import CLIPTextEncoder
     t = cfg.text
@@ -272,10 +278,9 @@ def build_vq_model(cfg: ExperimentConfig, num_classes: int, grid_size: tuple[int
     from .models.conditioned import TextConditioned
     from .models.transformer import DiffusionTransformer
     text_encoder = build_text_encoder(cfg)
-    # Un-normalised features are layer-norm outputs (unit variance per element): start the null text there too.
     transformer = DiffusionTransformer(num_classes=num_classes, grid_size=grid_size, text_dim=text_encoder.dim,
-                                       text_length=cfg.text.context_length,
-                                       null_text_std=None if cfg.text.normalize else 1.0, **transformer_kwargs(cfg))
+                                       text_length=cfg.text.context_length, null_text_std=null_text_std(cfg),
+                                       **transformer_kwargs(cfg))
     return TextConditioned(transformer, text_encoder)
 
 
