@@ -168,6 +168,8 @@ def test_temperature_annealing_schedules():
 
 
 def test_temperature_changes_the_training_sample():
+    # seeded: unseeded, about one draw in six has two near-tied code logits, where even a cold sample blends
+    torch.manual_seed(0)
     quantizer = GumbelQuantizer(num_hiddens=4, embedding_dim=3, num_embeddings=8, straight_through=False).train()
     z = torch.randn(1, 4, 4, 4)
     hot = quantizer(z, temperature=10.0, generator=torch.Generator().manual_seed(0))
