@@ -24,7 +24,6 @@ def test_b_preset_counts_like_the_released_model():
     assert counts["text_encoder"] == 63_428_096
 
 
-
 @pytest.mark.parametrize("config", ["shapes_tiny", "ddpm_shapes"])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_null_text_starts_at_the_scale_of_the_text_features(config, normalize):

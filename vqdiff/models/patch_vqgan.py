@@ -83,7 +83,3 @@ class PatchVQGAN(ImageCodec):
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids [B, h, w] -> their codebook embeddings [B, embedding_dim, h, w]."""
         return self.quantize.embed_ids(tokens)
-
-    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] -> the nearest codes' embeddings [B, embedding_dim, h, w] (as GumbelVQVAE)."""
-        return self.embed_tokens(self.encode(images))

@@ -306,9 +306,9 @@ def batch_images(batch, key: str) -> torch.Tensor:
 
 
 class ImageCodec(nn.Module):
-    """What both tokenizers (GumbelVQVAE, PatchVQGAN) share: image checks and decoding token ids through
-    their code embeddings. A subclass sets `config` (in_channels, ch_mult), `decoder`, `post_quant_conv`,
-    and defines `num_embeddings`, `encode` and `embed_tokens`."""
+    """What both tokenizers (GumbelVQVAE, PatchVQGAN) share: image checks, the code-embedding latents and
+    decoding token ids through them. A subclass sets `config` (in_channels, ch_mult), `decoder` and
+    `post_quant_conv`, and defines `num_embeddings`, `encode` and `embed_tokens`."""
 
     @property
     def downsample_factor(self) -> int:
@@ -329,6 +329,14 @@ class ImageCodec(nn.Module):
             raise ValueError(f"token ids must lie in [0, {self.num_embeddings}), got values in "
                              f"[{int(tokens.min())}, {int(tokens.max())}]")
         return self.decode_latents(self.embed_tokens(tokens.long()))
+
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the continuous latents of Gaussian latent diffusion: [B, embedding_dim, h, w].
+
+        These are the embeddings of the codes `encode` picks (Gumbel: argmax; PatchVQGAN: nearest), not the
+        pre-quantisation features (a Gumbel tokenizer's decoder is fine-tuned on argmax codes), so
+        `decode_latents` of these gives exactly `decode(encode(images))`; they also follow from a token cache."""
+        return self.embed_tokens(self.encode(images))
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Continuous latents [B, embedding_dim, h, w] -> images [B, C, h*f, w*f] clamped to [-1, 1]."""
@@ -414,14 +422,6 @@ class GumbelVQVAE(ImageCodec):
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids [B, h, w] -> their codebook embeddings [B, embedding_dim, h, w]."""
         return self.quantize.embed_ids(tokens, self.code_map)
-
-    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] -> the continuous latents of Gaussian latent diffusion: [B, embedding_dim, h, w].
-
-        These are the argmax codes' embeddings, not the pre-quantisation features: those feed the code logits,
-        not the decoder, and the decoder is fine-tuned on argmax codes, so `decode_latents` of these gives
-        exactly `decode(encode(images))`; the latents also follow from a token cache (`embed_tokens`)."""
-        return self.embed_tokens(self.encode(images))
 
     def full_codes(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids -> full codebook codes (the identity when untrimmed)."""
