@@ -25,11 +25,13 @@ def test_b_preset_counts_like_the_released_model():
 
 
 @pytest.mark.parametrize("config", ["shapes_tiny", "ddpm_shapes"])
-@pytest.mark.parametrize("normalize", [True, False])
-def test_null_text_starts_at_the_scale_of_the_text_features(config, normalize):
+@pytest.mark.parametrize("normalize,scale,norm", [(True, 1.0, 1.0), (True, 16.0, 16.0), (False, 1.0, 256 ** 0.5)])
+def test_null_text_starts_at_the_scale_of_the_text_features(config, normalize, scale, norm):
     """The learned unconditional input (transformer or UNet) begins with the per-token norm of real captions'
-    features (1 when L2-normalised, about sqrt(width) for raw layer-norm outputs): no scale jump on a drop."""
-    cfg = load_config(Path(__file__).resolve().parents[1] / f"configs/{config}.yaml", [f"text.normalize={normalize}"])
+    features (feature_scale when L2-normalised, about sqrt(width) for raw layer-norm outputs): no scale jump on a
+    drop."""
+    cfg = load_config(Path(__file__).resolve().parents[1] / f"configs/{config}.yaml",
+                      [f"text.normalize={normalize}", f"text.feature_scale={scale}"])
     if config == "ddpm_shapes":
         model = build.build_ddpm_model(cfg)
     else:
@@ -39,5 +41,5 @@ def test_null_text_starts_at_the_scale_of_the_text_features(config, normalize):
     null_text, = [p for name, p in model.network.named_parameters() if name in ("empty_text_embed", "null_text_embed")]
     real = features[mask].norm(dim=-1).mean()
     null = null_text.detach().norm(dim=-1).mean()
-    assert real == pytest.approx(1.0 if normalize else 256 ** 0.5, rel=0.05)
+    assert real == pytest.approx(norm, rel=0.05)
     assert null == pytest.approx(real.item(), rel=0.15)

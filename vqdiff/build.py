@@ -89,7 +89,7 @@ def build_network(cfg: ExperimentConfig, shape: tuple[int, ...] | None = None,
                 raise ConfigError("network: unet needs image data; use mlp for data.name=toy2d")
             u = cfg.unet
             text = dict(context_dim=context_dim, text_length=cfg.text.context_length, text_drop_prob=u.text_drop_prob,
-                        null_text_std=null_text_std(cfg)) if u.text else {}
+                        null_text_std=null_text_std(cfg, context_dim)) if u.text else {}
             return UNet(in_channels=shape[0], out_channels=shape[0], ch=u.ch, ch_mult=tuple(u.ch_mult),
                         attn_resolutions=tuple(u.attn_resolutions), num_res_blocks=u.num_res_blocks,
                         dropout=u.dropout, image_size=shape[1], learn_sigma=learn_sigma,
@@ -246,17 +246,17 @@ def build_task(cfg: ExperimentConfig) -> TrainTask:
 VQ_ARCHITECTURE = ("transformer", "text", "discrete.num_timesteps", "tokenizer.path", "data.size")
 
 
-def null_text_std(cfg: ExperimentConfig) -> float | None:
-    """Per-element scale for a learned null caption: the networks' default (1/sqrt(width), L2-normalised features),
-    or 1 for un-normalised features, which are layer-norm outputs."""
-    return None if cfg.text.normalize else 1.0
+def null_text_std(cfg: ExperimentConfig, text_dim: int) -> float:
+    """Per-element scale of the text features, where a learned null caption starts: feature_scale / sqrt(width)
+    for L2-normalised features, 1 for un-normalised ones (layer-norm outputs)."""
+    return cfg.text.feature_scale * (text_dim ** -0.5 if cfg.text.normalize else 1.0)
 
 
 def build_text_encoder(cfg: ExperimentConfig):
     from .models.text import CLIPTextEncoder
     t = cfg.text
     return CLIPTextEncoder(backend=t.backend, arch=t.arch, weights=t.weights, context_length=t.context_length,
-                           normalize=t.normalize, trainable=t.trainable)
+                           normalize=t.normalize, feature_scale=t.feature_scale, trainable=t.trainable)
 
 
 def transformer_kwargs(cfg: ExperimentConfig) -> dict:
@@ -279,7 +279,8 @@ def build_vq_model(cfg: ExperimentConfig, num_classes: int, grid_size: tuple[int
     from .models.transformer import DiffusionTransformer
     text_encoder = build_text_encoder(cfg)
     transformer = DiffusionTransformer(num_classes=num_classes, grid_size=grid_size, text_dim=text_encoder.dim,
-                                       text_length=cfg.text.context_length, null_text_std=null_text_std(cfg),
+                                       text_length=cfg.text.context_length,
+                                       null_text_std=null_text_std(cfg, text_encoder.dim),
                                        **transformer_kwargs(cfg))
     return TextConditioned(transformer, text_encoder)
 

@@ -120,6 +120,7 @@ class TextEncoderConfig:
     weights: str = "none"            # local weights file / HF directory; "none" = random init
     context_length: int = 77
     normalize: bool = True           # L2-normalise each token's features, as VQ-Diffusion
+    feature_scale: float = 1.0       # then multiply them by this (a tower trained here: sqrt(width), see README)
     trainable: bool = False          # train jointly (the embedded configs: no pretrained CLIP offline)
 
 

@@ -178,6 +178,34 @@ def test_round_trip_gives_the_same_model(exported, tmp_path):
     assert torch.equal(list(back.sample_iter(PROMPTS[:2], torch.Generator().manual_seed(4), **options))[-1], sampled)
 
 
+def test_a_feature_scale_is_folded_into_the_cross_attention(tmp_path):
+    """text.feature_scale multiplies the unit-norm features; diffusers feeds them unscaled, so the export scales the
+    cross-attention's key and value weights and divides the null caption: the same log-probabilities, with the
+    caption and with the null caption, and the same samples after the way back."""
+    ours = tiny_pipeline(tmp_path, "table", ["text.feature_scale=4"])
+    source = ours.save_pretrained(tmp_path / "scaled")
+    assert cli.main(["convert", "to-diffusers", str(source), "--out", str(tmp_path / "d")]) == 0
+    theirs = diffusers.VQDiffusionPipeline.from_pretrained(tmp_path / "d", local_files_only=True)
+    network = ours.model.network
+    x = torch.randint(0, network.num_classes + 1, (2, 64), generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([1, 8])
+    with torch.no_grad():
+        text = ours.model.encode_text(PROMPTS[:1])[0]
+        embeds = theirs._encode_prompt(PROMPTS[:1], 1, do_classifier_free_guidance=False)
+        assert (embeds * 4 - text).abs().max() <= 1e-4
+        null = theirs.learned_classifier_free_sampling_embeddings.embeddings[None]
+        for mine_text, their_text in ((text, embeds), (network.empty_text_embed[None], null)):
+            for i in range(2):
+                mine = torch.log_softmax(network(x[i:i + 1], t[i:i + 1], text=mine_text).double(), dim=1)
+                other = theirs.transformer(x[i:i + 1], encoder_hidden_states=their_text, timestep=t[i]).sample
+                assert (mine - other.double()).abs().max() <= 1e-4
+    assert cli.main(["convert", "from-diffusers", str(tmp_path / "d"), "--out", str(tmp_path / "back")]) == 0
+    back = TextToImagePipeline.from_pretrained(tmp_path / "back")
+    options = dict(steps=3, guidance_scale=2.0, progress=False)
+    sampled = list(ours.sample_iter(PROMPTS[:2], torch.Generator().manual_seed(4), **options))[-1]
+    assert torch.equal(list(back.sample_iter(PROMPTS[:2], torch.Generator().manual_seed(4), **options))[-1], sampled)
+
+
 def test_a_padding_mask_is_refused_unless_ignored(tmp_path, caplog):
     pipe = tiny_pipeline(tmp_path, "table", ["transformer.mask_text_padding=true"])
     with pytest.raises(DiffusersConversionError, match="masks the text padding.*--ignore-padding-mask"):

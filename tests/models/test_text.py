@@ -64,6 +64,17 @@ def test_unnormalized_features_are_the_raw_final_layer_norm_output():
     torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_feature_scale_multiplies_the_unit_norm_features():
+    torch.manual_seed(0)
+    unit = CLIPTextEncoder(arch="clip-text-small")
+    scaled = CLIPTextEncoder(arch="clip-text-small", weights=unit.tower.state_dict(), feature_scale=16.0)
+    (a, mask), (b, _) = unit(PROMPTS[:2]), scaled(PROMPTS[:2])
+    torch.testing.assert_close(b, 16.0 * a)
+    torch.testing.assert_close(b.norm(dim=-1), torch.full(mask.shape, 16.0))
+    with pytest.raises(ValueError, match="feature_scale must be positive"):
+        CLIPTextEncoder(arch="clip-text-small", feature_scale=0.0)
+
+
 def test_long_prompt_is_truncated_with_a_warning_naming_it(encoder, caplog):
     prompt = "a very long caption " * 30
     with caplog.at_level(logging.WARNING, logger="vqdiff.models.text"):

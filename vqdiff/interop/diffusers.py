@@ -87,8 +87,12 @@ TRANSFORMER_RULES = [  # ours -> diffusers (scripts/convert_vq_diffusion_to_diff
 ]
 
 
-def transformer_to_diffusers(network: DiffusionTransformer, ignore_padding_mask: bool = False):
-    """A Transformer2DModel computing the same log-probabilities as `network` (one timestep per call)."""
+def transformer_to_diffusers(network: DiffusionTransformer, ignore_padding_mask: bool = False,
+                             text_scale: float = 1.0):
+    """A Transformer2DModel computing the same log-probabilities as `network` (one timestep per call).
+
+    `text_scale` is the text encoder's feature_scale: diffusers feeds the unit-norm features, so the cross-attention
+    keys and values take the scale into their weights (the biases are unaffected)."""
     diffusers = require_diffusers()
     block = network.blocks[0]
     width, heads = network.content_emb.emb.weight.shape[1], block.attn1.num_heads
@@ -119,6 +123,11 @@ def transformer_to_diffusers(network: DiffusionTransformer, ignore_padding_mask:
             if key not in state:
                 with torch.no_grad():
                     state[key] = getattr(blk, ours).step_embedding(torch.arange(num_steps)).float()
+    if text_scale != 1:
+        for i in range(len(network.blocks)):
+            for part in ("to_k", "to_v"):
+                state[f"transformer_blocks.{i}.attn2.{part}.weight"] = \
+                    state[f"transformer_blocks.{i}.attn2.{part}.weight"] * text_scale
     load_exactly(model, state, "the transformer in Transformer2DModel")
     return model.eval()
 
@@ -333,7 +342,8 @@ def text_to_diffusers(encoder: CLIPTextEncoder):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     if not encoder.normalize:
         raise DiffusersConversionError("the text encoder does not L2-normalise its features (text.normalize: "
-                                       "false); diffusers' VQDiffusionPipeline always does")
+                                       "false); diffusers' VQDiffusionPipeline always does. Train with "
+                                       "text.normalize: true and a text.feature_scale instead")
     if encoder.backend is TextBackend.HF:
         model, tokenizer = copy.deepcopy(encoder.tower).float(), copy.deepcopy(encoder.tokenizer)
         tokenizer.model_max_length = encoder.context_length
@@ -430,7 +440,7 @@ def export_pipeline(cfg: ExperimentConfig, tokenizer: GumbelVQVAE, network: Diff
     if schedule not in MASK_AND_REPLACE_PRESETS:
         raise DiffusersConversionError(f"schedule {schedule!r} is not a preset ({sorted(MASK_AND_REPLACE_PRESETS)})")
     alpha_start, alpha_end, gamma_start, gamma_end = MASK_AND_REPLACE_PRESETS[schedule]
-    transformer = transformer_to_diffusers(network, ignore_padding_mask)
+    transformer = transformer_to_diffusers(network, ignore_padding_mask, text_encoder.feature_scale)
     vqvae, extras = codec_to_diffusers(tokenizer)
     text_model, clip_tokenizer = text_to_diffusers(text_encoder)
     null = network.empty_text_embed
@@ -438,7 +448,9 @@ def export_pipeline(cfg: ExperimentConfig, tokenizer: GumbelVQVAE, network: Diff
         learnable=null is not None, hidden_size=None if null is None else null.shape[1],
         length=None if null is None else null.shape[0])
     if null is not None:
-        load_exactly(embeddings, {"embeddings": null.detach().float()}, "the null text embedding")
+        # it replaces the features after the scale, which the exported cross-attention now applies
+        load_exactly(embeddings, {"embeddings": null.detach().float() / text_encoder.feature_scale},
+                     "the null text embedding")
     scheduler = diffusers.VQDiffusionScheduler(
         num_vec_classes=network.num_classes + 1, num_train_timesteps=cfg.discrete.num_timesteps,
         alpha_cum_start=alpha_start, alpha_cum_end=alpha_end, gamma_cum_start=gamma_start, gamma_cum_end=gamma_end)

@@ -55,10 +55,14 @@ class CLIPTextEncoder(nn.Module):
 
     def __init__(self, backend: TextBackend | str = TextBackend.OPEN_CLIP, arch: str = "ViT-B-32",
                  weights: str | Path | Mapping[str, torch.Tensor] = "none", context_length: int = 77,
-                 normalize: bool = True, trainable: bool = False, cache_size: int = 4096):
+                 normalize: bool = True, trainable: bool = False, cache_size: int = 4096,
+                 feature_scale: float = 1.0):
         super().__init__()
         self.backend, self.arch = TextBackend(backend), arch
         self.context_length, self.normalize, self.trainable = context_length, normalize, trainable
+        if not feature_scale > 0:
+            raise ValueError(f"text feature_scale must be positive, got {feature_scale}")
+        self.feature_scale = feature_scale
         self.cache_size = cache_size
         self.cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         given = isinstance(weights, Mapping)
@@ -127,7 +131,9 @@ class CLIPTextEncoder(nn.Module):
         ids, mask = ids.to(device), mask.to(device)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             features = self.token_features(ids)
-        return (F.normalize(features, dim=-1) if self.normalize else features), mask
+        if self.normalize:
+            features = F.normalize(features, dim=-1)
+        return (features * self.feature_scale if self.feature_scale != 1 else features), mask
 
     def token_features(self, ids: torch.Tensor) -> torch.Tensor:
         """[B, L] ids -> [B, L, D] hidden states after the final layer norm (causal attention, as in CLIP)."""
