@@ -85,22 +85,23 @@ def load_transformer(state: Mapping[str, torch.Tensor], num_heads: int = 16) -> 
     emb = network["content_emb.emb.weight"]
     num_classes, width = emb.shape[0] - 1, emb.shape[1]
     num_layers = len({key.split(".")[1] for key in network if key.startswith("blocks.")})
-    try:
-        model = DiffusionTransformer(
-            num_classes, width, num_layers, num_heads,
-            grid_size=(network["content_emb.height_emb.weight"].shape[0],
-                       network["content_emb.width_emb.weight"].shape[0]),
-            text_dim=network["blocks.0.attn2.key.weight"].shape[1],
-            text_length=77 if null_text is None else null_text.shape[0],
-            num_steps=network["blocks.0.ln1.emb.weight"].shape[0],
-            time_embedding="table", mlp_activation="quick_gelu",
-            mlp_ratio=network["blocks.0.mlp.0.weight"].shape[0] / width,
-            mask_text_padding=False, null_text_embedding=null_text is not None)
+    try:  # built on the meta device, then given the file's tensors: no random init, no second copy (B: 1.5 GB)
+        with torch.device("meta"):
+            model = DiffusionTransformer(
+                num_classes, width, num_layers, num_heads,
+                grid_size=(network["content_emb.height_emb.weight"].shape[0],
+                           network["content_emb.width_emb.weight"].shape[0]),
+                text_dim=network["blocks.0.attn2.key.weight"].shape[1],
+                text_length=77 if null_text is None else null_text.shape[0],
+                num_steps=network["blocks.0.ln1.emb.weight"].shape[0],
+                time_embedding="table", mlp_activation="quick_gelu",
+                mlp_ratio=network["blocks.0.mlp.0.weight"].shape[0] / width,
+                mask_text_padding=False, null_text_embedding=null_text is not None)
     except KeyError as error:
         raise OfficialCheckpointError(f"the transformer state dict lacks {error.args[0]}") from error
     if null_text is not None:
         network["empty_text_embed"] = null_text
-    load_exactly(model, network, "the released transformer", OfficialCheckpointError)
+    load_exactly(model, network, "the released transformer", OfficialCheckpointError, assign=True)
     return model
 
 

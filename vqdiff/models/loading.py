@@ -9,9 +9,11 @@ MAX_LISTED = 20  # per kind; a wrong config can mismatch hundreds of keys
 
 
 def load_exactly(module: nn.Module, state: Mapping[str, torch.Tensor], what: str,
-                 error: type[Exception] = ValueError) -> None:
+                 error: type[Exception] = ValueError, assign: bool = False) -> None:
     """Copy every tensor of `state` into `module` (cast to the module's dtypes), or raise `error` listing the
-    missing, unexpected and mis-shaped keys. A module on the meta device only has its keys and shapes checked."""
+    missing, unexpected and mis-shaped keys. A module on the meta device only has its keys and shapes checked.
+    `assign=True` makes the (cast) tensors of `state` the module's own instead of copying them: a module built on
+    the meta device then holds no second copy of the weights."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -24,6 +26,9 @@ def load_exactly(module: nn.Module, state: Mapping[str, torch.Tensor], what: str
             if len(keys) > MAX_LISTED:
                 lines.append(f"  ... and {len(keys) - MAX_LISTED} more {kind}")
         raise error("\n".join(lines))
+    if assign:
+        module.load_state_dict({key: state[key].to(tensor.dtype) for key, tensor in own.items()}, assign=True)
+        return
     with torch.no_grad():
         for key, tensor in own.items():
             tensor.copy_(state[key])

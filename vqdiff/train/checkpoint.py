@@ -35,8 +35,15 @@ class CheckpointError(RuntimeError):
 
 
 def save_weights(state: dict, path: "str | Path") -> None:
-    # safetensors refuses shared storage; every tensor gets its own contiguous copy.
-    save_file({k: v.detach().contiguous().clone().cpu() for k, v in state.items()}, str(path))
+    # safetensors refuses tensors that share storage: those get their own copy, the rest are written as they are
+    # (copying everything held a B-size model's weights once more while it was saved).
+    seen, tensors = set(), {}
+    for key, value in state.items():
+        value = value.detach().cpu().contiguous()
+        storage = value.untyped_storage().data_ptr()
+        tensors[key] = value.clone() if storage in seen else value
+        seen.add(storage)
+    save_file(tensors, str(path))
 
 
 def load_weights(path: "str | Path") -> dict:
