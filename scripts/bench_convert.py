@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 DEFAULT_KEYS = Path(__file__).resolve().parents[2] / "shared" / "interop" / "official_coco_keys.tsv"
-DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64, "int64": torch.int64}
+DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}  # all the listing holds
 
 
 def fake_checkpoint(keys_tsv: Path, path: Path, seed: int = 0) -> None:
@@ -31,9 +31,7 @@ def fake_checkpoint(keys_tsv: Path, path: Path, seed: int = 0) -> None:
     with open(keys_tsv) as f:
         for row in csv.DictReader(f, delimiter="\t"):
             shape = tuple(int(n) for n in row["shape"].split("x")) if row["shape"] else ()
-            dtype = DTYPES[row["dtype"]]
-            value = torch.randn(shape, generator=generator) * 0.02
-            model[row["key"]] = value.abs().to(dtype) if dtype is torch.int64 else value.to(dtype)
+            model[row["key"]] = (torch.randn(shape, generator=generator) * 0.02).to(DTYPES[row["dtype"]])
     for key in model:  # the quantizer is stored under enc and dec, one module: equal copies
         twin = key.replace("content_codec.dec.quantize.", "content_codec.enc.quantize.")
         if twin != key and twin in model:
@@ -75,8 +73,8 @@ def main() -> None:
     print(f"wrote {ckpt} ({ckpt.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - started:.0f} s",
           file=sys.stderr)
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-c", "import sys; from vqdiff.cli import main; sys.exit(main())", "convert", "official", str(ckpt),
-               "--out", str(out), "--codes-map", str(codes)]
+    command = [sys.executable, "-c", "import sys; from vqdiff.cli import main; sys.exit(main())",
+               "convert", "official", str(ckpt), "--out", str(out), "--codes-map", str(codes)]
     started = time.perf_counter()
     subprocess.run(command, check=True)
     seconds = time.perf_counter() - started

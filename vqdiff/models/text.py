@@ -133,7 +133,7 @@ class CLIPTextEncoder(nn.Module):
             features = self.token_features(ids)
         if self.normalize:
             features = F.normalize(features, dim=-1)
-        return (features * self.feature_scale if self.feature_scale != 1 else features), mask
+        return features * self.feature_scale, mask
 
     def token_features(self, ids: torch.Tensor) -> torch.Tensor:
         """[B, L] ids -> [B, L, D] hidden states after the final layer norm (causal attention, as in CLIP)."""
