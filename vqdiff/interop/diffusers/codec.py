@@ -1,0 +1,142 @@
+"""GumbelVQVAE <-> diffusers VQModel (decoder + codebook). VQModel has no Gumbel code logits, so the export also
+writes the tensors it lacks to `vqvae/vqdiff_gumbel.safetensors`, which bring our encoder back on import."""
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ...models.vqvae import GumbelVQVAE
+from .common import DiffusersConversionError, load_exactly, rename, require_diffusers
+
+log = logging.getLogger(__name__)
+
+GUMBEL_FILE = "vqdiff_gumbel.safetensors"  # beside vqvae/diffusion_pytorch_model.safetensors
+
+
+def vq_rules(levels: int) -> list:
+    """GumbelVQVAE (taming names) -> VQModel; the decoder's up.i runs (levels - 1 - i)-th in diffusers."""
+    return [
+        (r"^(encoder|decoder)\.mid\.block_1\.", r"\1.mid_block.resnets.0."),
+        (r"^(encoder|decoder)\.mid\.block_2\.", r"\1.mid_block.resnets.1."),
+        (r"^(encoder|decoder)\.mid\.attn_1\.", r"\1.mid_block.attentions.0."),
+        (r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets."),
+        (r"^encoder\.down\.(\d+)\.attn\.", r"encoder.down_blocks.\1.attentions."),
+        (r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0."),
+        (r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}."),
+        (r"^(decoder\.up_blocks\.\d+)\.block\.", r"\1.resnets."),
+        (r"^(decoder\.up_blocks\.\d+)\.attn\.", r"\1.attentions."),
+        (r"^(decoder\.up_blocks\.\d+)\.upsample\.", r"\1.upsamplers.0."),
+        (r"\.nin_shortcut\.", ".conv_shortcut."), (r"\.norm_out\.", ".conv_norm_out."),
+        (r"(attentions\.\d+)\.norm\.", r"\1.group_norm."), (r"(attentions\.\d+)\.q\.", r"\1.to_q."),
+        (r"(attentions\.\d+)\.k\.", r"\1.to_k."), (r"(attentions\.\d+)\.v\.", r"\1.to_v."),
+        (r"(attentions\.\d+)\.proj_out\.", r"\1.to_out.0."),
+    ]
+
+
+def shared_vq_keys(tokenizer: GumbelVQVAE) -> dict[str, str]:
+    """Our encoder/decoder/post_quant_conv keys -> VQModel keys (quant_conv and the quantizer differ)."""
+    rules = vq_rules(len(tokenizer.config["ch_mult"]))
+    return {k: rename(k, rules) for k in tokenizer.state_dict() if k.startswith(("encoder.", "decoder.", "post_"))}
+
+
+def attention_levels(tokenizer: GumbelVQVAE) -> list[bool]:
+    return [len(level.attn) > 0 for level in tokenizer.encoder.down]
+
+
+def codec_to_diffusers(tokenizer: GumbelVQVAE):
+    """(VQModel decoding our token ids like `tokenizer.decode`, the tensors VQModel lacks for our encoder)."""
+    diffusers = require_diffusers()
+    c = tokenizer.config
+    if c["ch_mult"][0] != 1:
+        raise DiffusersConversionError(f"ch_mult {c['ch_mult']} starts above 1; diffusers' Encoder goes straight "
+                                       "to the first level's width in conv_in")
+    attn = attention_levels(tokenizer)
+    model = diffusers.VQModel(
+        in_channels=c["in_channels"], out_channels=c["out_channels"], layers_per_block=c["num_res_blocks"],
+        down_block_types=[("AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D") for a in attn],
+        up_block_types=[("AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D") for a in reversed(attn)],
+        block_out_channels=[c["ch"] * m for m in c["ch_mult"]], latent_channels=c["z_channels"],
+        sample_size=c["resolution"], num_vq_embeddings=tokenizer.num_embeddings, norm_num_groups=c["norm_groups"],
+        vq_embed_dim=c["embedding_dim"])
+    ours = tokenizer.state_dict()
+    theirs = model.state_dict()
+    state = {name: ours[key].reshape(theirs[name].shape) for key, name in shared_vq_keys(tokenizer).items()}
+    state["quantize.embedding.weight"] = tokenizer.quantize.codebook(tokenizer.code_map)
+    if c["z_channels"] == c["embedding_dim"]:
+        state.update({f"quant_conv.{p}": ours[f"quant_conv.{p}"] for p in ("weight", "bias")})
+    else:  # VQModel's quant_conv maps to the codebook width; ours keeps z_channels and feeds the code logits
+        log.warning("z_channels %d != embedding_dim %d: VQModel.encode gets a zero quant_conv (it cannot hold ours); "
+                    "decoding is exact", c["z_channels"], c["embedding_dim"])
+        state.update({f"quant_conv.{p}": torch.zeros_like(theirs[f"quant_conv.{p}"]) for p in ("weight", "bias")})
+    load_exactly(model, state, "the Gumbel codec in VQModel")
+    extras = {k: v.contiguous() for k, v in ours.items()
+              if k.startswith(("quant_conv.", "quantize.")) or k == "code_map"}
+    return model.eval(), extras
+
+
+def codec_from_diffusers(model, extras: dict | None, config: dict | None, resolution: int) -> GumbelVQVAE:
+    """A GumbelVQVAE holding a VQModel. With `extras`/`config` from our export the encoder is ours again;
+    otherwise the code logits are 2 e_k . z - |e_k|^2 over VQModel's quant_conv output (nearest neighbour)."""
+    c = model.config
+    if config is None:
+        config = generic_codec_config(c, resolution)
+    tokenizer = GumbelVQVAE.from_config(config)
+    theirs = model.state_dict()
+    own = tokenizer.state_dict()
+    state = {key: theirs[name].reshape(own[key].shape) for key, name in shared_vq_keys(tokenizer).items()}
+    codebook = theirs["quantize.embedding.weight"]  # [K', D]
+    if extras is not None:
+        state.update(extras)
+        full = extras["quantize.embed.weight"].clone()
+        full[extras.get("code_map", slice(None))] = codebook  # VQModel's rows are the ones diffusers decodes with
+        state["quantize.embed.weight"] = full
+    else:
+        w, b = theirs["quant_conv.weight"].flatten(1).double(), theirs["quant_conv.bias"].double()  # [D, z], [D]
+        e = codebook.double()
+        state["quant_conv.weight"] = torch.eye(config["z_channels"])[..., None, None]
+        state["quant_conv.bias"] = torch.zeros(config["z_channels"])
+        state["quantize.proj.weight"] = (2 * e @ w).float()[..., None, None]
+        state["quantize.proj.bias"] = (2 * e @ b - e.square().sum(1)).float()
+        state["quantize.embed.weight"] = codebook
+    load_exactly(tokenizer, state, "the VQModel in GumbelVQVAE")
+    return tokenizer.eval()
+
+
+def generic_codec_config(c, resolution: int) -> dict:
+    """A GumbelVQVAE config with the layout of a VQModel config, or an error naming what does not fit."""
+    attn = [t.startswith("Attn") for t in c.down_block_types]
+    problems = []
+    if c.norm_type != "group" or c.act_fn != "silu" or not c.mid_block_add_attention:
+        problems.append(f"norm_type {c.norm_type!r}, act_fn {c.act_fn!r}, mid_block_add_attention "
+                        f"{c.mid_block_add_attention} (needs 'group', 'silu', True)")
+    if [t.startswith("Attn") for t in reversed(c.up_block_types)] != attn:
+        problems.append(f"the decoder's attention levels {list(c.up_block_types)} do not mirror the encoder's "
+                        f"{list(c.down_block_types)}")
+    unknown = set(c.down_block_types) - {"DownEncoderBlock2D", "AttnDownEncoderBlock2D"}
+    unknown |= set(c.up_block_types) - {"UpDecoderBlock2D", "AttnUpDecoderBlock2D"}
+    ch = c.block_out_channels[0]
+    if unknown or any(width % ch for width in c.block_out_channels):
+        problems.append(f"block types {sorted(unknown)} or widths {list(c.block_out_channels)} not multiples of "
+                        f"the first")
+    if problems:
+        raise DiffusersConversionError("this VQModel has no vqdiff tokenizer equivalent (GumbelVQVAE, taming "
+                                       "layout): " + "; ".join(problems))
+    levels = len(c.block_out_channels)
+    return dict(
+        resolution=resolution, in_channels=c.in_channels, out_channels=c.out_channels, ch=ch,
+        ch_mult=[w // ch for w in c.block_out_channels], num_res_blocks=c.layers_per_block,
+        attn_resolutions=[resolution // 2 ** i for i in range(levels) if attn[i]], z_channels=c.latent_channels,
+        dropout=0.0, norm_groups=c.norm_num_groups, embedding_dim=c.vq_embed_dim or c.latent_channels,
+        num_embeddings=c.num_vq_embeddings, straight_through=True, kl_weight=1e-8, temperature=1.0,
+        num_kept_codes=None)
+
+
+def read_gumbel_extras(path: Path) -> tuple[dict | None, dict | None]:
+    if not path.is_file():
+        log.info("%s is absent: the VQModel's nearest-neighbour encoder becomes GumbelVQVAE code logits", path.name)
+        return None, None
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["config"])
