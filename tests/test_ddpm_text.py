@@ -103,13 +103,18 @@ def test_latent_variant_encodes_diffuses_and_decodes_through_the_tokenizer(runs,
     reconstruction = tokenizer.decode(tokenizer.encode(batch["image"][:2]))
     decoded = torch.stack([_image_tensor(image, 32) for image in pipe.decode(latents[:2] * cfg.gaussian.latent_scale)])
     torch.testing.assert_close(decoded, reconstruction, rtol=0, atol=1.5 / 127.5)  # 8-bit rounding
-    # sampling diffuses latents, and the images are their decodings at the unscaled size
+    # sampling diffuses latents, and the images decode their nearest codes at the unscaled size (or, with
+    # sample.quantize_latents false, the latents themselves)
     states = list(pipe.sample_iter(PROMPTS, torch.Generator().manual_seed(0), progress=False, steps=3))
     assert len(states) == 3 and states[-1].shape == (2, 16, 8, 8)
-    decoded = tokenizer.decode_latents(states[-1] / cfg.gaussian.latent_scale)
-    images = pipe(PROMPTS, torch.Generator().manual_seed(0), progress=False, steps=3)
-    torch.testing.assert_close(torch.stack([_image_tensor(image, 32) for image in images]), decoded,
-                               rtol=0, atol=1.5 / 127.5)
+    unscaled = states[-1] / cfg.gaussian.latent_scale
+    for quantize, decoded in ((True, tokenizer.decode(tokenizer.nearest_tokens(unscaled))),
+                              (False, tokenizer.decode_latents(unscaled))):
+        cfg.sample.quantize_latents = quantize
+        images = pipe(PROMPTS, torch.Generator().manual_seed(0), progress=False, steps=3)
+        torch.testing.assert_close(torch.stack([_image_tensor(image, 32) for image in images]), decoded,
+                                   rtol=0, atol=1.5 / 127.5)
+    assert not torch.equal(tokenizer.decode(tokenizer.nearest_tokens(unscaled)), tokenizer.decode_latents(unscaled))
 
 
 def test_time_to_accuracy_reads_logged_evaluations(tmp_path):

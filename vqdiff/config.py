@@ -193,6 +193,7 @@ class SampleConfig:
     sampler: str = "ddpm"            # Gaussian: ddpm | ddim
     eta: float = 0.0                 # Gaussian DDIM
     clip_denoised: bool = True       # Gaussian
+    quantize_latents: bool = True    # Gaussian latent: decode the nearest codes, as latent diffusion
     truncation_rate: float = 1.0     # discrete: keep this much of p(x0|x_t) per token
     temperature: float = 1.0         # discrete
     strategy: str = "ancestral"      # discrete: ancestral | purity

@@ -134,7 +134,10 @@ class GaussianTextToImagePipeline:
     def decode(self, x: torch.Tensor) -> list[Image.Image]:
         """States [B, C, H, W] -> PIL images (latents through the tokenizer's decoder)."""
         if self.latent:
-            x = self.tokenizer.decode_latents(x / self.cfg.gaussian.latent_scale)
+            z = x / self.cfg.gaussian.latent_scale
+            if self.cfg.sample.quantize_latents:
+                z = self.tokenizer.embed_tokens(self.tokenizer.nearest_tokens(z))
+            x = self.tokenizer.decode_latents(z)
         return [to_pil(image) for image in x.clamp(-1, 1)]
 
     decode_partial = decode  # intermediate states decode like final ones (the CLI's progress GIF)

@@ -282,3 +282,18 @@ def test_latents_are_the_argmax_code_embeddings_and_decode_like_tokens():
         torch.testing.assert_close(model.decode_latents(latents), model.decode(tokens))
         shifted = model.decode_latents(latents + 0.5)  # continuous latents off the codebook still decode
         assert shifted.shape == (2, 3, 16, 16) and not torch.equal(shifted, model.decode(tokens))
+
+
+def test_nearest_tokens_is_the_brute_force_nearest_code_and_inverts_embed_tokens():
+    """Latent diffusion's VQ decoding: each latent vector goes to its nearest code embedding (float64 brute force),
+    in the tokenizer's own (trimmed) ids, so the embeddings of tokens, a little perturbed, map back to the tokens."""
+    generator = torch.Generator().manual_seed(3)
+    for model in (tiny_model(), tiny_model().keep_codes(torch.arange(7, 300, 3))):
+        tokens = torch.randint(0, model.num_embeddings, (2, 4, 4), generator=generator)
+        latents = model.embed_tokens(tokens)
+        assert torch.equal(model.nearest_tokens(latents + 1e-3 * torch.randn(latents.shape, generator=generator)),
+                           tokens)
+        z = torch.randn(3, 16, 5, 4, generator=generator)
+        codebook = model.quantize.codebook(model.code_map).double()  # [K', D]
+        distances = ((z.double().permute(0, 2, 3, 1)[..., None, :] - codebook) ** 2).sum(-1)  # [B, h, w, K']
+        assert torch.equal(model.nearest_tokens(z), distances.argmin(-1))

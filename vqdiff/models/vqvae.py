@@ -342,6 +342,14 @@ class ImageCodec(nn.Module):
         """Continuous latents [B, embedding_dim, h, w] -> images [B, C, h*f, w*f] clamped to [-1, 1]."""
         return self.decoder(self.post_quant_conv(z)).clamp(-1, 1)
 
+    def nearest_tokens(self, z: torch.Tensor) -> torch.Tensor:
+        """Continuous latents [B, embedding_dim, h, w] -> the ids [B, h, w] of the nearest code embeddings
+        (Euclidean): how latent diffusion decodes the samples of a VQ autoencoder (Rombach et al. 2022)."""
+        codebook = self.embed_tokens(torch.arange(self.num_embeddings, device=z.device)[None, None])[0, :, 0]  # [D, K]
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).to(codebook.dtype)  # [N, D]
+        distances = codebook.square().sum(0) - 2 * flat @ codebook  # |z - e|^2 without the constant |z|^2
+        return distances.argmin(1).reshape(z.shape[0], *z.shape[2:])
+
 
 class GumbelVQVAE(ImageCodec):
     """Encoder -> quant_conv -> GumbelQuantizer -> post_quant_conv -> Decoder.
