@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
 
 from ..config import DiffusionSpace, ModelType
 from ..images import make_grid
@@ -27,10 +28,12 @@ def model_kind(cfg) -> str:
     return "DDPM latent" if cfg.gaussian.space is DiffusionSpace.LATENT else "DDPM pixel"
 
 
-def sample_images(pipe, prompts: list[str], batch_size: int, seed: int, **options) -> list[Image.Image]:
+def sample_images(pipe, prompts: list[str], batch_size: int, seed: int, desc: str | None = None,
+                  **options) -> list[Image.Image]:
+    """Images for `prompts` in batches from one seeded generator; `desc` shows a progress bar over the batches."""
     generator = torch.Generator(pipe.device).manual_seed(seed)
     images = []
-    for i in range(0, len(prompts), batch_size):
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None):
         images += pipe(prompts[i:i + batch_size], generator, progress=False, **options)
     return images
 
@@ -88,7 +91,7 @@ def compare(named_pipes: dict, prompts: list[str], speed_prompts: list[str], bat
     for name, pipe in named_pipes.items():
         chosen = {k: v for k, v in options.items() if v is not None}
         row = {"model": name, "kind": model_kind(pipe.cfg), "parameters": parameter_counts(pipe),
-               "accuracy": accuracies(sample_images(pipe, prompts, batch_size, seed, **chosen), prompts)}
+               "accuracy": accuracies(sample_images(pipe, prompts, batch_size, seed, desc=name, **chosen), prompts)}
         speed_options = {k: v for k, v in chosen.items() if k != "steps"}
         row["images_per_s"] = {n: images_per_second(pipe, speed_prompts, min(n, pipe.diffusion.num_timesteps), seed,
                                                     **speed_options) for n in step_counts}
