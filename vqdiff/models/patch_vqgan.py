@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vqvae import Decoder, Encoder, ImageCodec
+from .vqvae import Decoder, Encoder, ImageCodec, nearest_ids
 
 # ITHQ (ithq_vqvae.pth): 256 px -> 32x32 tokens over 4096 codes of dimension 128.
 ITHQ_CONFIG = dict(
@@ -30,11 +30,7 @@ class NearestQuantizer(nn.Module):
 
     def ids(self, z: torch.Tensor) -> torch.Tensor:
         """Latents [B, D, h, w] -> code ids [B, h, w]."""
-        b, d, h, w = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, d)  # [BHW, D]
-        # |z|^2 + |e|^2 - 2 z.e, the released expression, so that near ties fall the same way
-        distance = flat.pow(2).sum(1, keepdim=True) + self.embedding.pow(2).sum(1) - 2 * flat @ self.embedding.t()
-        return distance.argmin(1).view(b, h, w)
+        return nearest_ids(z, self.embedding)
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.embedding).permute(0, 3, 1, 2)  # [B, D, h, w]

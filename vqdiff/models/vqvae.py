@@ -305,6 +305,15 @@ def batch_images(batch, key: str) -> torch.Tensor:
     return batch
 
 
+def nearest_ids(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Latents [B, D, h, w] -> ids [B, h, w] of the nearest rows of `codebook` [K, D] (Euclidean)."""
+    b, d, h, w = z.shape
+    flat = z.permute(0, 2, 3, 1).reshape(-1, d)  # [BHW, D]
+    # |z|^2 + |e|^2 - 2 z.e, the released ITHQ expression, so that near ties fall the same way
+    distance = flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * flat @ codebook.t()
+    return distance.argmin(1).view(b, h, w)
+
+
 class ImageCodec(nn.Module):
     """What both tokenizers (GumbelVQVAE, PatchVQGAN) share: image checks, the code-embedding latents and
     decoding token ids through them. A subclass sets `config` (in_channels, ch_mult), `decoder` and
@@ -346,9 +355,7 @@ class ImageCodec(nn.Module):
         """Continuous latents [B, embedding_dim, h, w] -> the ids [B, h, w] of the nearest code embeddings
         (Euclidean): how latent diffusion decodes the samples of a VQ autoencoder (Rombach et al. 2022)."""
         codebook = self.embed_tokens(torch.arange(self.num_embeddings, device=z.device)[None, None])[0, :, 0]  # [D, K]
-        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).to(codebook.dtype)  # [N, D]
-        distances = codebook.square().sum(0) - 2 * flat @ codebook  # |z - e|^2 without the constant |z|^2
-        return distances.argmin(1).reshape(z.shape[0], *z.shape[2:])
+        return nearest_ids(z.to(codebook.dtype), codebook.t())
 
 
 class GumbelVQVAE(ImageCodec):
