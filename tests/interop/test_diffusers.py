@@ -12,6 +12,7 @@ from vqdiff.config import load_config
 from vqdiff.interop.diffusers import (DiffusersConversionError, codec_from_diffusers, codec_to_diffusers,
                                       export_pipeline, require_diffusers, text_to_diffusers, transformer_to_diffusers)
 from vqdiff.models.text import CLIPTextEncoder
+from vqdiff.models.patch_vqgan import PatchVQGAN
 from vqdiff.models.vqvae import GumbelVQVAE
 from vqdiff.pipeline import TextToImagePipeline
 from vqdiff.train.tokenizer_io import save_tokenizer
@@ -29,6 +30,10 @@ VARIANTS = {
                        overrides=["transformer.mlp_activation=quick_gelu", "transformer.time_embedding=sinusoidal",
                                   "transformer.null_text_embedding=false", "transformer.text_drop_prob=0",
                                   "discrete.schedule=paper"]),
+    # ITHQ's codec type (a PatchVQGAN: VQModel's own nearest-neighbour encoder), the released activation
+    "patch": dict(codec=dict(z_channels=16, embedding_dim=8, attn_resolutions=(8,)), keep=None, patch=True,
+                  overrides=["transformer.mlp_activation=quick_gelu", "transformer.time_embedding=table",
+                             "transformer.null_text_embedding=true"]),
 }
 
 
@@ -36,8 +41,9 @@ def tiny_pipeline(tmp_path, variant: str, extra=()) -> TextToImagePipeline:
     """32 px images, 8x8 tokens, a 2-layer width-64 transformer, clip-text-small; every weight random."""
     spec = VARIANTS[variant]
     torch.manual_seed(0)
-    codec = GumbelVQVAE(resolution=32, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, num_embeddings=24, norm_groups=8,
-                        **spec["codec"]).eval()
+    kind = PatchVQGAN if spec.get("patch") else GumbelVQVAE
+    codec = kind(resolution=32, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, num_embeddings=24, norm_groups=8,
+                 **spec["codec"]).eval()
     if spec["keep"]:
         codec = codec.keep_codes(torch.randperm(24)[:spec["keep"]].sort().values)
     tokenizer_dir = save_tokenizer(codec, tmp_path / f"{variant}_tokenizer")
@@ -150,6 +156,8 @@ def test_round_trip_gives_the_same_model(exported, tmp_path):
     ours, _, folder = exported
     assert cli.main(["convert", "from-diffusers", str(folder), "--out", str(tmp_path / "back")]) == 0
     back = TextToImagePipeline.from_pretrained(tmp_path / "back")
+    assert type(back.tokenizer) is type(ours.tokenizer)
+    assert (folder / "vqvae" / "vqdiff_gumbel.safetensors").is_file() == isinstance(ours.tokenizer, GumbelVQVAE)
     assert back.cfg.transformer.time_embedding == "table" and not back.cfg.transformer.mask_text_padding
     assert back.cfg.discrete.schedule == ours.cfg.discrete.schedule
     generator = torch.Generator().manual_seed(3)
@@ -171,7 +179,7 @@ def test_round_trip_gives_the_same_model(exported, tmp_path):
         assert (logits - logits_back).abs().max() <= 1e-4
         if network.empty_text_embed is not None:
             assert torch.equal(back.model.network.empty_text_embed, network.empty_text_embed)
-        assert torch.equal(back.tokenizer.encode(images), ours.tokenizer.encode(images))  # our Gumbel argmax again
+        assert torch.equal(back.tokenizer.encode(images), ours.tokenizer.encode(images))  # our Gumbel argmax too
         assert (back.tokenizer.decode(tokens) - ours.tokenizer.decode(tokens)).abs().max() <= 1e-5
     options = dict(steps=3, guidance_scale=2.0, progress=False)
     sampled = list(ours.sample_iter(PROMPTS[:2], torch.Generator().manual_seed(4), **options))[-1]
@@ -237,8 +245,8 @@ def test_what_diffusers_cannot_hold_is_named(tmp_path):
         codec_to_diffusers(wide)
 
 
-def test_a_plain_vqmodel_encodes_by_nearest_neighbour(tmp_path):
-    """Without our Gumbel file a VQModel (e.g. ITHQ-style, euclidean codebook) still imports exactly."""
+def test_a_plain_vqmodel_imports_as_a_patch_vqgan(tmp_path):
+    """Without our Gumbel file a VQModel (e.g. ITHQ's, euclidean codebook) imports exactly, as a PatchVQGAN."""
     torch.manual_seed(4)
     vq = diffusers.VQModel(block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=16,
                            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
@@ -247,6 +255,10 @@ def test_a_plain_vqmodel_encodes_by_nearest_neighbour(tmp_path):
     with torch.no_grad():
         vq.quantize.embedding.weight.normal_()
     tokenizer = codec_from_diffusers(vq, None, None, resolution=32)
+    assert isinstance(tokenizer, PatchVQGAN) and tokenizer.config["attn_resolutions"] == [8]
+    again, extras = codec_to_diffusers(tokenizer)
+    assert extras is None
+    assert all(torch.equal(again.state_dict()[key], value) for key, value in vq.state_dict().items())
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
     with torch.no_grad():
         _, _, (_, _, nearest) = vq.quantize(vq.encode(images).latents)

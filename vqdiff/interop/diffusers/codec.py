@@ -1,5 +1,6 @@
-"""GumbelVQVAE <-> diffusers VQModel (decoder + codebook). VQModel has no Gumbel code logits, so the export also
-writes the tensors it lacks to `vqvae/vqdiff_gumbel.safetensors`, which bring our encoder back on import."""
+"""Our tokenizers <-> diffusers VQModel. PatchVQGAN (ITHQ's, nearest-neighbour codebook) is a VQModel with other
+names. GumbelVQVAE keeps its decoder and codebook there; VQModel has no Gumbel code logits, so the export also writes
+the tensors it lacks to `vqvae/vqdiff_gumbel.safetensors`, which bring our encoder back on import."""
 
 import json
 import logging
@@ -8,7 +9,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ...models.vqvae import GumbelVQVAE
+from ...models.patch_vqgan import PatchVQGAN
+from ...models.vqvae import GumbelVQVAE, ImageCodec
 from .common import DiffusersConversionError, load_exactly, rename, require_diffusers
 
 log = logging.getLogger(__name__)
@@ -36,18 +38,19 @@ def vq_rules(levels: int) -> list:
     ]
 
 
-def shared_vq_keys(tokenizer: GumbelVQVAE) -> dict[str, str]:
+def shared_vq_keys(tokenizer: ImageCodec) -> dict[str, str]:
     """Our encoder/decoder/post_quant_conv keys -> VQModel keys (quant_conv and the quantizer differ)."""
     rules = vq_rules(len(tokenizer.config["ch_mult"]))
     return {k: rename(k, rules) for k in tokenizer.state_dict() if k.startswith(("encoder.", "decoder.", "post_"))}
 
 
-def attention_levels(tokenizer: GumbelVQVAE) -> list[bool]:
+def attention_levels(tokenizer: ImageCodec) -> list[bool]:
     return [len(level.attn) > 0 for level in tokenizer.encoder.down]
 
 
-def codec_to_diffusers(tokenizer: GumbelVQVAE):
-    """(VQModel decoding our token ids like `tokenizer.decode`, the tensors VQModel lacks for our encoder)."""
+def codec_to_diffusers(tokenizer: ImageCodec):
+    """(VQModel decoding our token ids like `tokenizer.decode`, the tensors VQModel lacks for our encoder or None).
+    A PatchVQGAN needs none: VQModel's nearest-neighbour encoder is its own."""
     diffusers = require_diffusers()
     c = tokenizer.config
     if c["ch_mult"][0] != 1:
@@ -64,6 +67,11 @@ def codec_to_diffusers(tokenizer: GumbelVQVAE):
     ours = tokenizer.state_dict()
     theirs = model.state_dict()
     state = {name: ours[key].reshape(theirs[name].shape) for key, name in shared_vq_keys(tokenizer).items()}
+    if isinstance(tokenizer, PatchVQGAN):
+        state["quantize.embedding.weight"] = ours["quantize.embedding"]
+        state.update({f"quant_conv.{p}": ours[f"quant_conv.{p}"] for p in ("weight", "bias")})
+        load_exactly(model, state, "the nearest-neighbour codec in VQModel")
+        return model.eval(), None
     state["quantize.embedding.weight"] = tokenizer.quantize.codebook(tokenizer.code_map)
     if c["z_channels"] == c["embedding_dim"]:
         state.update({f"quant_conv.{p}": ours[f"quant_conv.{p}"] for p in ("weight", "bias")})
@@ -77,36 +85,32 @@ def codec_to_diffusers(tokenizer: GumbelVQVAE):
     return model.eval(), extras
 
 
-def codec_from_diffusers(model, extras: dict | None, config: dict | None, resolution: int) -> GumbelVQVAE:
-    """A GumbelVQVAE holding a VQModel. With `extras`/`config` from our export the encoder is ours again;
-    otherwise the code logits are 2 e_k . z - |e_k|^2 over VQModel's quant_conv output (nearest neighbour)."""
-    c = model.config
-    if config is None:
-        config = generic_codec_config(c, resolution)
-    tokenizer = GumbelVQVAE.from_config(config)
+def codec_from_diffusers(model, extras: dict | None, config: dict | None, resolution: int) -> ImageCodec:
+    """With `extras`/`config` from our export, our GumbelVQVAE again; otherwise (e.g. ITHQ's VQModel) a PatchVQGAN,
+    whose nearest-neighbour encoder is VQModel's."""
     theirs = model.state_dict()
+    codebook = theirs["quantize.embedding.weight"]  # [K', D]
+    if extras is None:
+        tokenizer = PatchVQGAN.from_config(generic_codec_config(model.config, resolution))
+        own = tokenizer.state_dict()  # attention projections: 1x1 convolutions here, linear layers there
+        state = {key: theirs[name].reshape(own[key].shape) for key, name in shared_vq_keys(tokenizer).items()}
+        state.update({f"quant_conv.{p}": theirs[f"quant_conv.{p}"] for p in ("weight", "bias")})
+        state["quantize.embedding"] = codebook
+        load_exactly(tokenizer, state, "the VQModel in PatchVQGAN")
+        return tokenizer.eval()
+    tokenizer = GumbelVQVAE.from_config(config)
     own = tokenizer.state_dict()
     state = {key: theirs[name].reshape(own[key].shape) for key, name in shared_vq_keys(tokenizer).items()}
-    codebook = theirs["quantize.embedding.weight"]  # [K', D]
-    if extras is not None:
-        state.update(extras)
-        full = extras["quantize.embed.weight"].clone()
-        full[extras.get("code_map", slice(None))] = codebook  # VQModel's rows are the ones diffusers decodes with
-        state["quantize.embed.weight"] = full
-    else:
-        w, b = theirs["quant_conv.weight"].flatten(1).double(), theirs["quant_conv.bias"].double()  # [D, z], [D]
-        e = codebook.double()
-        state["quant_conv.weight"] = torch.eye(config["z_channels"])[..., None, None]
-        state["quant_conv.bias"] = torch.zeros(config["z_channels"])
-        state["quantize.proj.weight"] = (2 * e @ w).float()[..., None, None]
-        state["quantize.proj.bias"] = (2 * e @ b - e.square().sum(1)).float()
-        state["quantize.embed.weight"] = codebook
+    state.update(extras)
+    full = extras["quantize.embed.weight"].clone()
+    full[extras.get("code_map", slice(None))] = codebook  # VQModel's rows are the ones diffusers decodes with
+    state["quantize.embed.weight"] = full
     load_exactly(tokenizer, state, "the VQModel in GumbelVQVAE")
     return tokenizer.eval()
 
 
 def generic_codec_config(c, resolution: int) -> dict:
-    """A GumbelVQVAE config with the layout of a VQModel config, or an error naming what does not fit."""
+    """A PatchVQGAN config with the layout of a VQModel config, or an error naming what does not fit."""
     attn = [t.startswith("Attn") for t in c.down_block_types]
     problems = []
     if c.norm_type != "group" or c.act_fn != "silu" or not c.mid_block_add_attention:
@@ -122,7 +126,7 @@ def generic_codec_config(c, resolution: int) -> dict:
         problems.append(f"block types {sorted(unknown)} or widths {list(c.block_out_channels)} not multiples of "
                         f"the first")
     if problems:
-        raise DiffusersConversionError("this VQModel has no vqdiff tokenizer equivalent (GumbelVQVAE, taming "
+        raise DiffusersConversionError("this VQModel has no vqdiff tokenizer equivalent (PatchVQGAN, taming "
                                        "layout): " + "; ".join(problems))
     levels = len(c.block_out_channels)
     return dict(
@@ -130,13 +134,12 @@ def generic_codec_config(c, resolution: int) -> dict:
         ch_mult=[w // ch for w in c.block_out_channels], num_res_blocks=c.layers_per_block,
         attn_resolutions=[resolution // 2 ** i for i in range(levels) if attn[i]], z_channels=c.latent_channels,
         dropout=0.0, norm_groups=c.norm_num_groups, embedding_dim=c.vq_embed_dim or c.latent_channels,
-        num_embeddings=c.num_vq_embeddings, straight_through=True, kl_weight=1e-8, temperature=1.0,
-        num_kept_codes=None)
+        num_embeddings=c.num_vq_embeddings)
 
 
 def read_gumbel_extras(path: Path) -> tuple[dict | None, dict | None]:
     if not path.is_file():
-        log.info("%s is absent: the VQModel's nearest-neighbour encoder becomes GumbelVQVAE code logits", path.name)
+        log.info("%s is absent: the VQModel becomes a PatchVQGAN (nearest-neighbour codebook)", path.name)
         return None, None
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["config"])

@@ -13,7 +13,7 @@ from ...config import ExperimentConfig, ModelType, Network, TextEncoderConfig, T
 from ...diffusion.schedules import MASK_AND_REPLACE_PRESETS
 from ...models.text import CLIPTextEncoder
 from ...models.transformer import DiffusionTransformer
-from ...models.vqvae import GumbelVQVAE
+from ...models.vqvae import ImageCodec
 from .codec import GUMBEL_FILE, codec_from_diffusers, codec_to_diffusers, read_gumbel_extras
 from .common import DiffusersConversionError, load_exactly, require_diffusers
 from .text import text_from_diffusers, text_to_diffusers, write_bpe_files
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 CF_FOLDER = "learned_classifier_free_sampling_embeddings"
 
 
-def export_pipeline(cfg: ExperimentConfig, tokenizer: GumbelVQVAE, network: DiffusionTransformer,
+def export_pipeline(cfg: ExperimentConfig, tokenizer: ImageCodec, network: DiffusionTransformer,
                     text_encoder: CLIPTextEncoder, out_dir, ignore_padding_mask: bool = False) -> Path:
     """Write a folder that `diffusers.VQDiffusionPipeline.from_pretrained(out_dir)` loads (replaced atomically)."""
     diffusers = require_diffusers()
@@ -54,7 +54,8 @@ def export_pipeline(cfg: ExperimentConfig, tokenizer: GumbelVQVAE, network: Diff
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    save_file(extras, tmp / "vqvae" / GUMBEL_FILE, metadata={"config": json.dumps(tokenizer.config)})
+    if extras is not None:  # a Gumbel encoder, which VQModel cannot hold
+        save_file(extras, tmp / "vqvae" / GUMBEL_FILE, metadata={"config": json.dumps(tokenizer.config)})
     write_bpe_files(tmp / "tokenizer")
     declare_cf_module(tmp / "model_index.json", type(embeddings).__module__)
     if out_dir.exists():
@@ -63,7 +64,7 @@ def export_pipeline(cfg: ExperimentConfig, tokenizer: GumbelVQVAE, network: Diff
     return out_dir
 
 
-def import_pipeline(directory) -> tuple[ExperimentConfig, GumbelVQVAE, DiffusionTransformer, CLIPTextEncoder]:
+def import_pipeline(directory) -> tuple[ExperimentConfig, ImageCodec, DiffusionTransformer, CLIPTextEncoder]:
     """(config, tokenizer, transformer, text encoder) of a VQDiffusionPipeline folder, read offline."""
     parts = read_parts(Path(directory))
     text_encoder, arch = text_from_diffusers(parts["text_encoder"], parts["tokenizer"])
