@@ -2,7 +2,8 @@
 
     python scripts/eval_tokenizer.py --tokenizer outputs/vqvae_shapes/tokenizer --n 1000 --out recon.png
 
-Prints the mean per-image PSNR (dB) and the per-image accuracy of vqdiff.eval.shapes on the reconstructions
+Prints the shapes metric per attribute on the reconstructions (what the tokenizer loses), the mean per-image PSNR
+(dB) and the per-image accuracy of vqdiff.eval.shapes on the reconstructions
 (and, for reference, on the originals), and writes a grid: originals in odd rows, reconstructions below them.
 """
 
@@ -40,11 +41,14 @@ def main(argv=None) -> None:
         recons.append(reconstruct(tokenizer, batch["image"]))
     originals, recons = torch.cat(originals), torch.cat(recons)
     captions = [data.caption(i) for i in range(len(data))]
+    report = evaluate(list(recons), captions)
+    print("shapes metric on the reconstructions (what the tokenizer loses, per attribute):")
+    print(report.table())
     result = {
         "tokenizer": args.tokenizer, "images": len(data), "codes": tokenizer.num_embeddings,
         "token_grid": "x".join(map(str, tokenizer.encode(originals[:1].to(args.device)).shape[1:])),
         "psnr": float(psnr(recons, originals)),
-        "shapes_accuracy_recon": evaluate(list(recons), captions).groups["all"]["image"],
+        "shapes_accuracy_recon": report.groups["all"]["image"],
         "shapes_accuracy_original": evaluate(list(originals), captions).groups["all"]["image"],
     }
     print(json.dumps(result, indent=2))

@@ -1,6 +1,7 @@
 """scripts/train_vqvae.py and scripts/encode_tokens.py end to end, as subprocesses: a 3-step tokenizer run, then
 a token cache that holds exactly the trained tokenizer's codes."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import torch
 
 from vqdiff.data.shapes import ShapesDataset
 from vqdiff.data.tokens import TokenDataset, dataset_fingerprint
+from vqdiff.eval.shapes import evaluate
 from vqdiff.train.tokenizer_io import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,3 +42,14 @@ def test_train_then_encode(tmp_path):
     with torch.no_grad():
         direct = tokenizer.encode(torch.stack([data[i]["image"] for i in range(len(data))]))
     assert torch.equal(torch.stack([cache[i]["tokens"] for i in range(len(cache))]), direct.flatten(1))
+    # scripts/eval_tokenizer.py on the same tokenizer: the per-attribute table of the reconstructions and the JSON
+    result = run_script("scripts/eval_tokenizer.py", "--tokenizer", run / "tokenizer", "--n", "8",
+                        "--out", tmp_path / "recon.png", "--json", tmp_path / "eval.json")
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["images"] == 8 and report["token_grid"] == "8x8"
+    val = ShapesDataset("val", size=16, num_samples=8)  # the script's images: val split, the tokenizer's size
+    originals = evaluate([val[i]["image"] for i in range(8)], [val.caption(i) for i in range(8)])
+    assert report["shapes_accuracy_original"] == originals.groups["all"]["image"]
+    row = next(line.split() for line in result.stdout.splitlines() if line.startswith("all "))
+    assert float(row[-2]) == round(100 * report["shapes_accuracy_recon"], 1)  # the table's per-image column
+    assert (tmp_path / "recon.png").is_file()
