@@ -67,19 +67,18 @@ def codec_to_diffusers(tokenizer: ImageCodec):
     ours = tokenizer.state_dict()
     theirs = model.state_dict()
     state = {name: ours[key].reshape(theirs[name].shape) for key, name in shared_vq_keys(tokenizer).items()}
-    if isinstance(tokenizer, PatchVQGAN):
-        state["quantize.embedding.weight"] = ours["quantize.embedding"]
-        state.update({f"quant_conv.{p}": ours[f"quant_conv.{p}"] for p in ("weight", "bias")})
-        load_exactly(model, state, "the nearest-neighbour codec in VQModel")
-        return model.eval(), None
-    state["quantize.embedding.weight"] = tokenizer.quantize.codebook(tokenizer.code_map)
-    if c["z_channels"] == c["embedding_dim"]:
+    nearest = isinstance(tokenizer, PatchVQGAN)
+    state["quantize.embedding.weight"] = (ours["quantize.embedding"] if nearest
+                                          else tokenizer.quantize.codebook(tokenizer.code_map))
+    if nearest or c["z_channels"] == c["embedding_dim"]:
         state.update({f"quant_conv.{p}": ours[f"quant_conv.{p}"] for p in ("weight", "bias")})
     else:  # VQModel's quant_conv maps to the codebook width; ours keeps z_channels and feeds the code logits
         log.warning("z_channels %d != embedding_dim %d: VQModel.encode gets a zero quant_conv (it cannot hold ours); "
                     "decoding is exact", c["z_channels"], c["embedding_dim"])
         state.update({f"quant_conv.{p}": torch.zeros_like(theirs[f"quant_conv.{p}"]) for p in ("weight", "bias")})
-    load_exactly(model, state, "the Gumbel codec in VQModel")
+    load_exactly(model, state, f"the {type(tokenizer).__name__} in VQModel")
+    if nearest:
+        return model.eval(), None
     extras = {k: v.contiguous() for k, v in ours.items()
               if k.startswith(("quant_conv.", "quantize.")) or k == "code_map"}
     return model.eval(), extras
@@ -92,20 +91,19 @@ def codec_from_diffusers(model, extras: dict | None, config: dict | None, resolu
     codebook = theirs["quantize.embedding.weight"]  # [K', D]
     if extras is None:
         tokenizer = PatchVQGAN.from_config(generic_codec_config(model.config, resolution))
-        own = tokenizer.state_dict()  # attention projections: 1x1 convolutions here, linear layers there
-        state = {key: theirs[name].reshape(own[key].shape) for key, name in shared_vq_keys(tokenizer).items()}
+    else:
+        tokenizer = GumbelVQVAE.from_config(config)
+    own = tokenizer.state_dict()  # attention projections: 1x1 convolutions here, linear layers there
+    state = {key: theirs[name].reshape(own[key].shape) for key, name in shared_vq_keys(tokenizer).items()}
+    if extras is None:
         state.update({f"quant_conv.{p}": theirs[f"quant_conv.{p}"] for p in ("weight", "bias")})
         state["quantize.embedding"] = codebook
-        load_exactly(tokenizer, state, "the VQModel in PatchVQGAN")
-        return tokenizer.eval()
-    tokenizer = GumbelVQVAE.from_config(config)
-    own = tokenizer.state_dict()
-    state = {key: theirs[name].reshape(own[key].shape) for key, name in shared_vq_keys(tokenizer).items()}
-    state.update(extras)
-    full = extras["quantize.embed.weight"].clone()
-    full[extras.get("code_map", slice(None))] = codebook  # VQModel's rows are the ones diffusers decodes with
-    state["quantize.embed.weight"] = full
-    load_exactly(tokenizer, state, "the VQModel in GumbelVQVAE")
+    else:
+        state.update(extras)
+        full = extras["quantize.embed.weight"].clone()
+        full[extras.get("code_map", slice(None))] = codebook  # VQModel's rows are the ones diffusers decodes with
+        state["quantize.embed.weight"] = full
+    load_exactly(tokenizer, state, f"the VQModel in {type(tokenizer).__name__}")
     return tokenizer.eval()
 
 
