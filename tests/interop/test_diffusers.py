@@ -179,7 +179,7 @@ def test_round_trip_gives_the_same_model(exported, tmp_path):
         assert (logits - logits_back).abs().max() <= 1e-4
         if network.empty_text_embed is not None:
             assert torch.equal(back.model.network.empty_text_embed, network.empty_text_embed)
-        assert torch.equal(back.tokenizer.encode(images), ours.tokenizer.encode(images))  # our Gumbel argmax too
+        assert torch.equal(back.tokenizer.encode(images), ours.tokenizer.encode(images))  # our encoder again
         assert (back.tokenizer.decode(tokens) - ours.tokenizer.decode(tokens)).abs().max() <= 1e-5
     options = dict(steps=3, guidance_scale=2.0, progress=False)
     sampled = list(ours.sample_iter(PROMPTS[:2], torch.Generator().manual_seed(4), **options))[-1]

@@ -1,7 +1,7 @@
 """vqdiff text-to-image parts <-> a diffusers `VQDiffusionPipeline` folder (model_index.json + one folder per part).
 
     transformer/   Transformer2DModel (discrete input, norm_type "ada_norm")   <-> DiffusionTransformer
-    vqvae/         VQModel (decoder + codebook; nearest-neighbour encoder)    <-> GumbelVQVAE
+    vqvae/         VQModel (decoder + codebook; nearest-neighbour encoder)    <-> GumbelVQVAE or PatchVQGAN
     text_encoder/  transformers CLIPTextModel, tokenizer/ CLIPTokenizer       <-> CLIPTextEncoder (open_clip names)
     scheduler/     VQDiffusionScheduler (num_vec_classes = K + 1)             <-> discrete.num_timesteps / schedule
     learned_classifier_free_sampling_embeddings/                              <-> empty_text_embed
@@ -11,7 +11,8 @@ the text (diffusers attends to all positions; `ignore_padding_mask=True` convert
 A sinusoidal AdaLN time embedding becomes its (equal) per-step table. VQModel has no Gumbel code logits, so the
 export also writes `vqvae/vqdiff_gumbel.safetensors` (our quant_conv, quantize.proj, full codebook, code map and
 config) that brings the exact encoder back on import; diffusers ignores that file and encodes by nearest neighbour.
-A VQModel without it is imported with code logits 2 e_k.z - |e_k|^2, whose argmax is its nearest-neighbour code.
+A PatchVQGAN (ITHQ's codec) is a VQModel under other names and needs no such file; a VQModel without the file is
+imported as a PatchVQGAN.
 Key maps and loading only; diffusers and transformers are imported inside the functions (optional dependency).
 """
 

@@ -19,7 +19,7 @@ GUMBEL_FILE = "vqdiff_gumbel.safetensors"  # beside vqvae/diffusion_pytorch_mode
 
 
 def vq_rules(levels: int) -> list:
-    """GumbelVQVAE (taming names) -> VQModel; the decoder's up.i runs (levels - 1 - i)-th in diffusers."""
+    """Our tokenizers' taming names -> VQModel; the decoder's up.i runs (levels - 1 - i)-th in diffusers."""
     return [
         (r"^(encoder|decoder)\.mid\.block_1\.", r"\1.mid_block.resnets.0."),
         (r"^(encoder|decoder)\.mid\.block_2\.", r"\1.mid_block.resnets.1."),
