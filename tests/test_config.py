@@ -58,3 +58,12 @@ def test_save_and_reload_round_trip(tmp_path):
 def test_exponent_without_dot_is_a_float(tmp_path):
     cfg = load_config(write(tmp_path, "train:\n  lr: 2e-4\n"), ["train.weight_decay=1e-2"])
     assert cfg.train.lr == 2e-4 and cfg.train.weight_decay == 1e-2
+
+
+def test_mixed_precision_is_checked_and_a_bare_no_reads_as_no(tmp_path):
+    # YAML 1.1 turns `no` into false: the override and the file both still mean "no"
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision.value == "no"
+    assert load_config(write(tmp_path, "train:\n  mixed_precision: no\n")).train.mixed_precision.value == "no"
+    assert load_config(None, ["train.mixed_precision=bf16"]).train.mixed_precision.value == "bf16"
+    with pytest.raises(ConfigError, match="train.mixed_precision: 'bf17' is not one of \\['no', 'fp16', 'bf16'\\]"):
+        load_config(None, ["train.mixed_precision=bf17"])

@@ -390,7 +390,8 @@ def build_tokenizer(cfg: ExperimentConfig):
     return GumbelVQVAE(resolution=cfg.data.size, ch=t.ch, ch_mult=t.ch_mult, num_res_blocks=t.num_res_blocks,
                        attn_resolutions=t.attn_resolutions, z_channels=t.z_channels, dropout=t.dropout,
                        norm_groups=t.norm_groups, embedding_dim=t.embedding_dim, num_embeddings=t.num_embeddings,
-                       straight_through=t.straight_through, kl_weight=t.kl_weight, temperature=t.temperature_start)
+                       straight_through=t.straight_through, kl_weight=t.kl_weight, temperature=t.temperature_start,
+                       encoder=t.encoder)
 
 
 def load_trained_tokenizer(cfg: ExperimentConfig, device: str = "cpu"):

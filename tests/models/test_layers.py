@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from vqdiff.models.layers import Activation, AdaLayerNorm, Attention, TimeEmbedding, mlp
+from vqdiff.models.layers import Activation, AdaLayerNorm, Attention, TimeEmbedding, attention, mlp
 
 
 def layer_norm_reference(x, eps=1e-5):
@@ -95,6 +95,24 @@ def test_cross_attention_with_padding_mask_and_precomputed_key_value():
     key_value = attn.key_value(context)
     assert key_value.shape == (2, 2, 2, 7, 8)
     torch.testing.assert_close(attn(x, key_value=key_value, mask=mask[:, None, None]), out, rtol=0, atol=1e-12)
+
+
+def test_bfloat16_attention_on_cpu_runs_in_float32_and_matches_the_reference():
+    # attention() computes bfloat16 inputs in float32 (the CPU's bfloat16 kernel is slow): the result is the
+    # float64 reference rounded to bfloat16 once, and gradients reach every input
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 8, dtype=torch.float64) for _ in range(3))
+    mask = torch.rand(2, 1, 1, 6) > 0.3
+    mask[..., 0] = True
+    low = [x.bfloat16().requires_grad_() for x in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(*low, mask)
+    assert out.dtype == torch.bfloat16
+    scores = (low[0].double() @ low[1].double().transpose(-1, -2) / math.sqrt(8)).masked_fill(~mask, float("-inf"))
+    reference = scores.softmax(-1) @ low[2].double()
+    torch.testing.assert_close(out.double(), reference.bfloat16().double(), rtol=2 ** -7, atol=1e-6)  # one rounding
+    out.float().sum().backward()
+    assert all(x.grad is not None and x.grad.dtype == torch.bfloat16 and x.grad.abs().sum() > 0 for x in low)
 
 
 def test_attention_rejects_width_not_divisible_by_heads():

@@ -297,3 +297,25 @@ def test_nearest_tokens_is_the_brute_force_nearest_code_and_inverts_embed_tokens
         codebook = model.quantize.codebook(model.code_map).double()  # [K', D]
         distances = ((z.double().permute(0, 2, 3, 1)[..., None, :] - codebook) ** 2).sum(-1)  # [B, h, w, K']
         assert torch.equal(model.nearest_tokens(z), distances.argmin(-1))
+
+
+def test_patch_encoder_codes_depend_on_their_own_patch_only(tmp_path):
+    """encoder="patch": a token's pre-quantisation features, hence its code, change when a pixel of its own f x f
+    patch changes and never when any other pixel does (float64); the choice survives save/load and trimming."""
+    from vqdiff.train.tokenizer_io import load_tokenizer, save_tokenizer
+    model = tiny_model(encoder="patch").double()
+    x = images(1).double()
+    features = model.quant_conv(model.encoder(x))  # [1, 16, 8, 8]; f = 2
+    for y, x_ in [(0, 0), (3, 5), (7, 7)]:
+        changed = x.clone()
+        changed[:, :, 2 * y + 1, 2 * x_] += 0.5
+        moved = (model.quant_conv(model.encoder(changed)) - features).abs().amax(1)[0]  # [8, 8]
+        assert moved[y, x_] > 0
+        moved[y, x_] = 0
+        assert moved.abs().max() == 0
+    trimmed = model.float().keep_codes(torch.arange(0, 512, 2))
+    loaded = load_tokenizer(save_tokenizer(trimmed, tmp_path / "tok"))
+    assert loaded.config["encoder"] == "patch" and type(loaded.encoder).__name__ == "PatchEncoder"
+    torch.testing.assert_close(loaded.encode(images(2)), trimmed.encode(images(2)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="encoder must be one of \\['taming', 'patch'\\], got 'conv'"):
+        tiny_model(encoder="conv")

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from .layers import cpu_autocast_attention
 from .loading import load_exactly
 
 logger = logging.getLogger(__name__)
@@ -137,12 +138,13 @@ class CLIPTextEncoder(nn.Module):
 
     def token_features(self, ids: torch.Tensor) -> torch.Tensor:
         """[B, L] ids -> [B, L, D] hidden states after the final layer norm (causal attention, as in CLIP)."""
-        if self.backend is TextBackend.HF:
-            return self.tower(input_ids=ids).last_hidden_state.float()
-        tower = self.tower
-        x = tower.token_embedding(ids) + tower.positional_embedding[:ids.shape[1]]
-        x = tower.transformer(x, attn_mask=tower.attn_mask[:ids.shape[1], :ids.shape[1]])
-        return tower.ln_final(x).float()
+        with cpu_autocast_attention(ids.device):
+            if self.backend is TextBackend.HF:
+                return self.tower(input_ids=ids).last_hidden_state.float()
+            tower = self.tower
+            x = tower.token_embedding(ids) + tower.positional_embedding[:ids.shape[1]]
+            x = tower.transformer(x, attn_mask=tower.attn_mask[:ids.shape[1], :ids.shape[1]])
+            return tower.ln_final(x).float()
 
     def encode_cached(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Like forward, but a frozen encoder remembers each prompt's features (least recently used dropped).

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import drop_text, timestep_embedding
+from .layers import attention, drop_text, timestep_embedding
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -130,7 +130,7 @@ class AttentionBlock(nn.Module):
             if text_mask is not None:
                 image_visible = text_mask.new_ones(b, height * width)
                 mask = torch.cat([image_visible, text_mask], dim=1)[:, None, None, :]  # [B, 1, 1, HW + L]
-        h = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v), attn_mask=mask)
+        h = attention(self._heads(q), self._heads(k), self._heads(v), mask)
         h = h.transpose(2, 3).reshape(b, c, -1)  # [B, C, HW]
         return x + self.proj_out(h).reshape(b, c, height, width)
 

@@ -115,9 +115,15 @@ def step_generator(device, seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 64 + rank)
 
 
+def adamw(params, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with the fused kernel (one pass over all parameters): on 2 CPU cores it takes 13 ms a step where
+    the per-parameter loop takes 65 ms, for configs/shapes.yaml's 22M parameters (scripts/bench_train.py)."""
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
+
+
 def make_accelerator(tc: TrainConfig, **kwargs) -> Accelerator:
     """The run's Accelerator; on a machine without CUDA several processes run as gloo MULTI_CPU."""
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=not torch.cuda.is_available(), **kwargs)
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision.value, cpu=not torch.cuda.is_available(), **kwargs)
     if accelerator.device.type == "cpu":
         use_cpu_share(accelerator.num_processes)
     return accelerator
@@ -143,8 +149,7 @@ def train(cfg: ExperimentConfig, task: TrainTask, dataset, resume: "str | None" 
     accelerator = make_accelerator(tc, kwargs_handlers=[ddp])
     device = accelerator.device
     model = task.model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas),
-                                  weight_decay=tc.weight_decay)
+    optimizer = adamw(model.parameters(), tc.lr, tuple(tc.adam_betas), tc.weight_decay)
     ema = EMA(model, tc.ema_decay, tc.ema_every, tc.ema_start)
     start_step, trained_s = 0, 0.0  # trained_s: wall time of training steps, without previews and evaluations
 
@@ -197,7 +202,7 @@ def train(cfg: ExperimentConfig, task: TrainTask, dataset, resume: "str | None" 
             last = latest_checkpoint(run_dir)
             raise TrainingDiverged(f"loss is {loss.item()} at step {step}; stopping without saving. "
                                    f"Last good checkpoint: {last or 'none'}. Try a lower train.lr, "
-                                   "train.grad_clip, or mixed_precision=no.")
+                                   "train.grad_clip, or train.mixed_precision=no.")
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else None
         optimizer.step()

@@ -23,7 +23,7 @@ from ..images import make_grid
 from ..models.vqvae import GumbelVQVAE, TemperatureSchedule, batch_images, temperature_at
 from .checkpoint import (CheckpointError, architecture_differences, latest_checkpoint, load_into, load_weights,
                          read_config, read_state, save_checkpoint)
-from .loop import (TrainingDiverged, _checkpoint_to_resume, _to_device, learning_rate, make_accelerator,
+from .loop import (TrainingDiverged, _checkpoint_to_resume, _to_device, adamw, learning_rate, make_accelerator,
                    make_loader, step_generator)
 from .tokenizer_io import save_tokenizer
 from .vqvae_losses import VQVAELoss, codebook_counts, codebook_perplexity, psnr
@@ -97,9 +97,9 @@ def train_vqvae(cfg: ExperimentConfig, model: GumbelVQVAE, loss: VQVAELoss, data
     accelerator = make_accelerator(tc)
     device = accelerator.device
     betas = tuple(tc.adam_betas)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=betas, weight_decay=tc.weight_decay)
+    optimizer = adamw(model.parameters(), tc.lr, betas, tc.weight_decay)
     disc = loss.discriminator
-    disc_optimizer = (torch.optim.AdamW(disc.parameters(), lr=tc.lr, betas=betas, weight_decay=tc.weight_decay)
+    disc_optimizer = (adamw(disc.parameters(), tc.lr, betas, tc.weight_decay)
                       if disc is not None else None)
     start_step = _resume(run_dir, resume, cfg, model, optimizer, disc, disc_optimizer, accelerator)
 
@@ -247,7 +247,7 @@ def _stop_if_not_finite(accelerator, value: torch.Tensor, what: str, step: int, 
     if bad.item() > 0:
         raise TrainingDiverged(f"{what} is {value.item()} at step {step}; stopping without saving. Last good "
                                f"checkpoint: {latest_checkpoint(run_dir) or 'none'}. Try a lower train.lr, "
-                               "train.grad_clip, or mixed_precision=no.")
+                               "train.grad_clip, or train.mixed_precision=no.")
 
 
 def _append_log(accelerator, run_dir: Path, record: dict) -> None:
