@@ -4,7 +4,8 @@
 
 Prints the shapes metric per attribute on the reconstructions (what the tokenizer loses), the mean per-image PSNR
 (dB) and the per-image accuracy of vqdiff.eval.shapes on the reconstructions
-(and, for reference, on the originals), and writes a grid: originals in odd rows, reconstructions below them.
+(and, for reference, on the originals), the number of distinct codes given to blank (all-background) patches,
+and writes a grid: originals in odd rows, reconstructions below them.
 """
 
 import argparse
@@ -19,6 +20,25 @@ from vqdiff.train.tokenizer_io import load_tokenizer
 from vqdiff.images import make_grid
 from vqdiff.train.vqvae_loop import image_loader, reconstruct
 from vqdiff.train.vqvae_losses import psnr
+
+
+@torch.inference_mode()
+def blank_patch_codes(tokenizer, images: torch.Tensor, batch_size: int, device: str) -> tuple[int, float]:
+    """Distinct codes over the tokens whose f x f pixel patch is all background (white), and the share of the most
+    common one. A tokenizer whose codes describe their own patch gives one code; more mean the codes of empty
+    canvas carry something else (where the objects are), which the text-to-image model then has to predict."""
+    f = tokenizer.downsample_factor
+    codes = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        tokens = tokenizer.encode(batch.to(device)).cpu()
+        blank = (batch == 1).unflatten(2, (-1, f)).unflatten(4, (-1, f)).all(5).all(3).all(1)  # [B, h, w]
+        codes.append(tokens[blank])
+    codes = torch.cat(codes)
+    if codes.numel() == 0:
+        return 0, 0.0
+    counts = codes.bincount()
+    return int((counts > 0).sum()), float(counts.max() / codes.numel())
 
 
 def main(argv=None) -> None:
@@ -51,6 +71,8 @@ def main(argv=None) -> None:
         "shapes_accuracy_recon": report.groups["all"]["image"],
         "shapes_accuracy_original": evaluate(list(originals), captions).groups["all"]["image"],
     }
+    result["blank_patch_codes"], result["blank_patch_top_code_share"] = blank_patch_codes(
+        tokenizer, originals, args.batch_size, args.device)
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from vqdiff.data.shapes import ShapesDataset
@@ -53,3 +54,10 @@ def test_train_then_encode(tmp_path):
     row = next(line.split() for line in result.stdout.splitlines() if line.startswith("all "))
     assert float(row[-2]) == round(100 * report["shapes_accuracy_recon"], 1)  # the table's per-image column
     assert (tmp_path / "recon.png").is_file()
+    # blank-patch codes, counted patch by patch: the codes of the tokens whose 2x2 pixels are all white
+    with torch.no_grad():
+        tokens = tokenizer.encode(torch.stack([val[i]["image"] for i in range(8)]))
+    blank = [int(tokens[i, y, x]) for i in range(8) for y in range(8) for x in range(8)
+             if bool((val[i]["image"][:, 2 * y:2 * y + 2, 2 * x:2 * x + 2] == 1).all())]
+    assert report["blank_patch_codes"] == len(set(blank)) > 0
+    assert report["blank_patch_top_code_share"] == pytest.approx(max(map(blank.count, blank)) / len(blank))
