@@ -49,7 +49,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     print(f"CIFAR-10 UNet ({sum(p.numel() for p in model.parameters()):,} parameters) on {device}, {args.dtype}")
-    print(f"| batch | train steps/s | DDPM 1000 img/s | DDIM 50 img/s | peak MiB |\n|---|---|---|---|---|")
+    print("| batch | train steps/s | DDPM 1000 img/s | DDIM 50 img/s | peak MiB |\n|---|---|---|---|---|")
     for batch in args.batch_sizes:
         x0 = torch.randn(batch, 3, 32, 32, device=device)
         t = torch.randint(0, 1000, (batch,), device=device)
