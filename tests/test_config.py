@@ -67,3 +67,9 @@ def test_mixed_precision_is_checked_and_a_bare_no_reads_as_no(tmp_path):
     assert load_config(None, ["train.mixed_precision=bf16"]).train.mixed_precision.value == "bf16"
     with pytest.raises(ConfigError, match="train.mixed_precision: 'bf17' is not one of \\['no', 'fp16', 'bf16'\\]"):
         load_config(None, ["train.mixed_precision=bf17"])
+
+
+def test_tokenizer_encoder_is_checked():
+    assert load_config(None, ["tokenizer.encoder=patch"]).tokenizer.encoder.value == "patch"
+    with pytest.raises(ConfigError, match="tokenizer.encoder: 'conv' is not one of \\['taming', 'patch'\\]"):
+        load_config(None, ["tokenizer.encoder=conv"])

@@ -35,7 +35,12 @@ class LRSchedule(str, enum.Enum):
 class MixedPrecision(str, enum.Enum):
     NO = "no"
     FP16 = "fp16"
-    BF16 = "bf16"  # also on the CPU: 1.7x the float32 steps/s of configs/shapes.yaml (scripts/bench_train.py)
+    BF16 = "bf16"  # also on the CPU: 1.8x the float32 steps/s of configs/shapes.yaml (scripts/bench_train.py)
+
+
+class TokenizerEncoder(str, enum.Enum):
+    TAMING = "taming"      # the taming-transformers encoder (released checkpoints)
+    PATCH = "patch"        # each token's code a function of its own f x f pixels only (models/vqvae.py)
 
 
 class DiffusionSpace(str, enum.Enum):
@@ -92,7 +97,7 @@ class MLPConfig:
 class TokenizerConfig:
     """The Gumbel VQ-VAE: its architecture and training losses (model: vqvae), or `path` to a trained one."""
     path: str | None = None          # a trained tokenizer directory (config.json + model.safetensors)
-    encoder: str = "taming"          # taming | patch (each token's code sees only its own patch; models/vqvae.py)
+    encoder: TokenizerEncoder = TokenizerEncoder.TAMING
     ch: int = 64
     ch_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
     num_res_blocks: int = 1
