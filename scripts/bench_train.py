@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from vqdiff.build import build_discrete_diffusion, build_vq_model
+from vqdiff.build import build_discrete_diffusion, build_vq_model, token_grid
 from vqdiff.config import load_config
 from vqdiff.data.shapes import ShapesDataset
 from vqdiff.train.tokenizer_io import load_tokenizer
@@ -29,8 +29,7 @@ def model_size(cfg, num_classes):
         except FileNotFoundError:
             pass
         else:
-            side = cfg.data.size // tokenizer.downsample_factor
-            return tokenizer.num_embeddings, (side, side)
+            return tokenizer.num_embeddings, token_grid(cfg, tokenizer)
     side = cfg.data.size // 2 ** (len(cfg.tokenizer.ch_mult) - 1)
     return num_classes, (side, side)
 
