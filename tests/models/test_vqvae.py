@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from vqdiff.models.vqvae import (AttnBlock, GumbelQuantizer, GumbelVQVAE, TemperatureDecay, TemperatureSchedule,
-                                 gumbel_softmax, temperature_at)
+from vqdiff.models.gumbel import GumbelQuantizer, TemperatureDecay, TemperatureSchedule, gumbel_softmax, temperature_at
+from vqdiff.models.vqvae import AttnBlock, GumbelVQVAE
 
 TINY = dict(resolution=16, ch=16, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8], z_channels=16,
             norm_groups=8, embedding_dim=16, num_embeddings=512)

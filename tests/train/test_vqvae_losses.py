@@ -5,7 +5,8 @@ import torch
 from torchvision.models.vgg import cfgs, make_layers
 
 from vqdiff.models.discriminator import PatchDiscriminator
-from vqdiff.models.vqvae import GumbelVQVAE, TemperatureSchedule, temperature_at
+from vqdiff.models.gumbel import TemperatureSchedule, temperature_at
+from vqdiff.models.vqvae import GumbelVQVAE
 from vqdiff.train.vqvae_losses import (VGGPerceptual, VQVAELoss, adaptive_weight, codebook_counts,
                                        codebook_perplexity, hinge_d_loss, psnr)
 

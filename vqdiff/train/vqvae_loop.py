@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from ..config import ExperimentConfig, save_config
 from ..images import make_grid
-from ..models.vqvae import GumbelVQVAE, TemperatureSchedule, batch_images, temperature_at
+from ..models.gumbel import TemperatureSchedule, temperature_at
+from ..models.vqvae import GumbelVQVAE, batch_images
 from .checkpoint import (CheckpointError, architecture_differences, latest_checkpoint, load_into, load_weights,
                          read_config, read_state, save_checkpoint)
 from .loop import (TrainingDiverged, _checkpoint_to_resume, _to_device, adamw, learning_rate, make_accelerator,

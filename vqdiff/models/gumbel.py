@@ -1,0 +1,120 @@
+"""The Gumbel-softmax quantizer of the VQ-VAE tokenizer (taming's GumbelQuantize) and its temperature schedule."""
+
+import enum
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def gumbel_noise(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gumbel(0, 1) draws, -log(E) with E ~ Exp(1), shaped like `like`."""
+    exponential = torch.empty_like(like).exponential_(generator=generator)
+    return -exponential.clamp_min(torch.finfo(like.dtype).tiny).log()
+
+
+def gumbel_softmax(logits: torch.Tensor, temperature: float, hard: bool, dim: int = 1,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """softmax((logits + g) / tau) with g ~ Gumbel(0, 1) (Jang et al. 2017); `hard` gives the one-hot of its argmax
+    with the soft sample's gradient (straight-through)."""
+    soft = ((logits + gumbel_noise(logits, generator)) / temperature).softmax(dim)
+    if not hard:
+        return soft
+    one_hot = torch.zeros_like(soft).scatter_(dim, soft.argmax(dim, keepdim=True), 1.0)
+    return one_hot - soft.detach() + soft
+
+
+class GumbelQuantizer(nn.Module):
+    """Code logits from a 1x1 conv, a Gumbel-softmax sample over the codebook, and its embedding (taming's
+    GumbelQuantize). `kl` is KL(softmax(logits) || uniform) per position, averaged; `kl_loss` = kl_weight * kl.
+
+    Every method takes an optional `code_map` [K'] of kept full codes: logits and codebook are then restricted to
+    those codes and the ids they return or take are positions in `code_map`."""
+
+    def __init__(self, num_hiddens: int, embedding_dim: int, num_embeddings: int, straight_through: bool = True,
+                 kl_weight: float = 5e-4, temperature: float = 1.0):
+        super().__init__()
+        if num_embeddings < 2:
+            raise ValueError(f"num_embeddings must be at least 2, got {num_embeddings}")
+        self.num_embeddings = num_embeddings
+        self.straight_through = straight_through
+        self.kl_weight = kl_weight
+        self.temperature = temperature
+        self.proj = nn.Conv2d(num_hiddens, num_embeddings, 1)
+        self.embed = nn.Embedding(num_embeddings, embedding_dim)
+
+    def logits(self, z: torch.Tensor, code_map: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.proj(z)  # [B, K, h, w]
+        return logits if code_map is None else logits.index_select(1, code_map)
+
+    def codebook(self, code_map: torch.Tensor | None = None) -> torch.Tensor:
+        return self.embed.weight if code_map is None else self.embed.weight.index_select(0, code_map)  # [K', D]
+
+    def forward(self, z: torch.Tensor, temperature: float | None = None, code_map: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Training: a Gumbel-softmax sample (hard with straight_through). Eval: the one-hot argmax, no noise."""
+        logits = self.logits(z, code_map)
+        if self.training:
+            tau = self.temperature if temperature is None else temperature
+            one_hot = gumbel_softmax(logits, tau, hard=self.straight_through, generator=generator)
+        else:
+            one_hot = torch.zeros_like(logits).scatter_(1, logits.argmax(1, keepdim=True), 1.0)
+        z_q = torch.einsum("bnhw,nd->bdhw", one_hot, self.codebook(code_map))
+        log_q = logits.float().log_softmax(1)
+        # KL(q || U(K')) = sum_k q_k (log q_k + log K'), the Gumbel VQ prior term
+        kl = (log_q.exp() * (log_q + math.log(logits.shape[1]))).sum(1).mean()
+        return dict(z_q=z_q, logits=logits, kl=kl, kl_loss=self.kl_weight * kl, tokens=one_hot.argmax(1))
+
+    def sample_ids(self, z: torch.Tensor, sample: bool = False, code_map: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+        """The argmax code per position, or with `sample` a draw from softmax(logits) (the released VQ-Diffusion
+        encoder, which applies Gumbel noise even at inference)."""
+        logits = self.logits(z, code_map).float()
+        if sample:
+            logits = logits + gumbel_noise(logits, generator)  # Gumbel-max: argmax ~ Categorical(softmax(logits))
+        return logits.argmax(1)  # [B, h, w]
+
+    def embed_ids(self, ids: torch.Tensor, code_map: torch.Tensor | None = None) -> torch.Tensor:
+        codes = ids if code_map is None else code_map[ids]
+        return self.embed(codes).permute(0, 3, 1, 2)  # [B, D, h, w]
+
+
+class TemperatureDecay(str, enum.Enum):
+    CONSTANT = "constant"
+    LINEAR = "linear"
+    EXPONENTIAL = "exponential"
+    COSINE = "cosine"
+
+
+@dataclass
+class TemperatureSchedule:
+    """Gumbel temperature from `start` at step 0 to `end` at `steps`, then constant. The exponential schedule is
+    DALL-E's (1 -> 1/16); cosine is taming's LambdaWarmUpCosineScheduler without warm-up."""
+
+    start: float = 1.0
+    end: float = 1.0 / 16
+    steps: int = 100_000
+    decay: TemperatureDecay = TemperatureDecay.EXPONENTIAL
+
+    def __post_init__(self):
+        self.decay = TemperatureDecay(self.decay)
+        if self.start <= 0 or self.end <= 0:
+            raise ValueError(f"temperatures must be positive, got start={self.start}, end={self.end}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+
+
+def temperature_at(step: int, schedule: TemperatureSchedule) -> float:
+    """The Gumbel-softmax temperature at a training step."""
+    if step < 0:
+        raise ValueError(f"step must be non-negative, got {step}")
+    progress = min(step / schedule.steps, 1.0)
+    start, end = schedule.start, schedule.end
+    if schedule.decay is TemperatureDecay.CONSTANT:
+        return start
+    if schedule.decay is TemperatureDecay.LINEAR:
+        return start + (end - start) * progress
+    if schedule.decay is TemperatureDecay.EXPONENTIAL:
+        return start * (end / start) ** progress
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * progress))
