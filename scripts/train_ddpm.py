@@ -1,4 +1,7 @@
-"""Train a Gaussian DDPM: `accelerate launch scripts/train_ddpm.py --config configs/ddpm_scurve.yaml [key=value ...]`."""
+"""Train a Gaussian DDPM:
+
+    accelerate launch scripts/train_ddpm.py --config configs/ddpm_scurve.yaml [key=value ...]
+"""
 
 import sys
 

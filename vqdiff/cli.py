@@ -130,8 +130,9 @@ def sample_command(argv: list[str]) -> None:
 
 
 def eval_shapes_command(argv: list[str]) -> dict:
-    parser = argparse.ArgumentParser(prog="vqdiff eval-shapes",
-                                     description="Score a text-to-image model on shapes prompts with the attribute metric.")
+    parser = argparse.ArgumentParser(
+        prog="vqdiff eval-shapes",
+        description="Score a text-to-image model on shapes prompts with the attribute metric.")
     parser.add_argument("--checkpoint", required=True, help="pipeline directory, run directory or checkpoint")
     parser.add_argument("--n", type=int, default=500, help="prompts per split")
     parser.add_argument("--splits", default="val,heldout", help="comma-separated: val, heldout")

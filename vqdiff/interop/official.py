@@ -16,7 +16,8 @@ The released network is DiffusionTransformer with `time_embedding="table"`, `mlp
 `mask_text_padding=False` (it attends over all 77 text positions); sizes are read from the shapes. Beside it,
 `condition_emb.*` holds OpenAI's CLIP ViT-B/32 text tower in open_clip names (float16 linears), and `model` alone
 holds the codec under `content_codec.{enc,dec}.*`: taming's Gumbel f8 VQGAN (COCO/CUB/CC, trimmed by a separate
-codes map) or ITHQ's PatchVQGAN. `TextToImagePipeline.from_official` wraps the parts (`vqdiff convert official` saves them).
+codes map) or ITHQ's PatchVQGAN. `TextToImagePipeline.from_official` wraps the parts (`vqdiff convert official`
+saves them).
 """
 
 import pickle
