@@ -2,6 +2,7 @@
 and refuse parts that do not fit."""
 
 import json
+import logging
 import os
 import runpy
 import subprocess
@@ -13,6 +14,7 @@ import torch
 
 from vqdiff import build, cli
 from vqdiff.config import load_config
+from vqdiff.eval.probe import ATTRIBUTE_VALUES, probe_attributes
 from vqdiff.models.vqvae import GumbelVQVAE
 from vqdiff.pipeline import TextToImagePipeline, _image_tensor
 from vqdiff.train.checkpoint import CheckpointError, latest_checkpoint, load_weights
@@ -129,6 +131,29 @@ def test_parts_that_do_not_fit_are_named(tmp_path, tokenizer_dir):
     (saved / "text_encoder.safetensors").unlink()
     with pytest.raises(CheckpointError, match="missing text_encoder.safetensors"):
         TextToImagePipeline.from_pretrained(saved)
+
+
+def test_a_random_text_encoder_is_named_when_training_starts_not_when_loading(tmp_path, tokenizer_dir, caplog,
+                                                                              monkeypatch, capsys):
+    cfg = load_config(ROOT / "configs/shapes_tiny.yaml",
+                      tiny_overrides(tmp_path, tokenizer_dir, "f", 1) + ["text.trainable=false"])
+    with caplog.at_level(logging.INFO, logger="vqdiff"):
+        run(cfg)
+    frozen = [r for r in caplog.records if "text.weights: none" in r.getMessage()]
+    assert len(frozen) == 1 and frozen[0].levelno == logging.WARNING and "frozen" in frozen[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vqdiff"):
+        pipe = TextToImagePipeline.from_pretrained(cfg.run_dir)
+    assert not [r for r in caplog.records if "random" in r.getMessage()]
+
+    # the attribute probe runs on it, from Python and from its script
+    result = probe_attributes(pipe, n=3, progress=False)
+    assert result.images == 3 and all(0 <= v <= 1 for v in result.identified.values())
+    assert result.chance == {"position": 1 / 9, "colour": 1 / 6, "shape": 1 / 4, "size": 1 / 2}
+    monkeypatch.setattr(sys, "argv", ["probe_shapes.py", "--checkpoint", str(cfg.run_dir), "--n", "2", "--t", "5"])
+    runpy.run_path(str(ROOT / "scripts" / "probe_shapes.py"), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert "x_t at t = 5" in lines[0] and [line.split()[0] for line in lines[2:]] == list(ATTRIBUTE_VALUES)
 
 
 @pytest.mark.slow

@@ -88,9 +88,6 @@ class CLIPTextEncoder(nn.Module):
             if self.tower.vocab_size != self.tokenizer.vocab_size:
                 raise ValueError(f"arch {arch!r} has vocabulary {self.tower.vocab_size}, not CLIP's BPE "
                                  f"({self.tokenizer.vocab_size}); only CLIP-BPE text towers are supported")
-        if random_init:
-            logger.warning("text encoder %s is randomly initialised (weights: none): its features are untrained%s",
-                           arch, "; it is trained jointly" if trainable else "")
         if not trainable:
             self.requires_grad_(False)
             self.eval()

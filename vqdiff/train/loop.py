@@ -139,6 +139,20 @@ def use_cpu_share(num_processes: int) -> None:
         torch.set_num_threads(share)
 
 
+def _say_if_text_is_random(cfg: ExperimentConfig, model: nn.Module) -> None:
+    """A fresh run whose text encoder starts from random weights (text.weights: none). Said here rather than when
+    the encoder is built, since loading a trained model builds it that way too before its weights arrive."""
+    encoder = getattr(model, "text_encoder", None)
+    if encoder is None or str(cfg.text.weights).lower() != "none":
+        return
+    if encoder.trainable:
+        log.info("the text encoder %s starts from random weights (text.weights: none) and is trained jointly",
+                 cfg.text.arch)
+    else:
+        log.warning("the text encoder %s is random (text.weights: none) and frozen, so its features stay random: "
+                    "set text.weights to a local CLIP file or text.trainable: true", cfg.text.arch)
+
+
 def train(cfg: ExperimentConfig, task: TrainTask, dataset, resume: "str | None" = None,
           init_from: "str | None" = None, progress: bool = True) -> Path:
     """Train until cfg.train.max_steps; returns the run directory. `resume="auto"` continues from the
@@ -172,6 +186,8 @@ def train(cfg: ExperimentConfig, task: TrainTask, dataset, resume: "str | None" 
         load_into(model, weights, f"{source}/ema.safetensors")
         load_into(ema.model, weights, f"{source}/ema.safetensors")
         log.info("initialised weights from %s (fresh optimizer)", source)
+    else:
+        _say_if_text_is_random(cfg, model)
 
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.model.to(device)
