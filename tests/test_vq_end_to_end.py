@@ -150,6 +150,10 @@ def test_a_random_text_encoder_is_named_when_training_starts_not_when_loading(tm
     result = probe_attributes(pipe, n=3, progress=False)
     assert result.images == 3 and all(0 <= v <= 1 for v in result.identified.values())
     assert result.chance == {"position": 1 / 9, "colour": 1 / 6, "shape": 1 / 4, "size": 1 / 2}
+    pipe.cfg.data.name = "image_folder"
+    with pytest.raises(ValueError, match="data.name: 'image_folder'"):
+        probe_attributes(pipe, n=1)
+    pipe.cfg.data.name = "shapes"
     monkeypatch.setattr(sys, "argv", ["probe_shapes.py", "--checkpoint", str(cfg.run_dir), "--n", "2", "--t", "5"])
     runpy.run_path(str(ROOT / "scripts" / "probe_shapes.py"), run_name="__main__")
     lines = capsys.readouterr().out.splitlines()

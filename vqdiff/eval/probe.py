@@ -69,6 +69,9 @@ def probe_attributes(pipe, n: int = 100, split: str = "val", t: int | None = Non
                      progress: bool = True) -> AttributeProbe:
     """Probe a TextToImagePipeline on the first `n` one-object images of `split`, encoded by its own tokenizer.
     `t` = None masks every token (t = T-1); an int noises x0 to that step with q(x_t | x0) instead."""
+    if pipe.cfg.data.name != "shapes":
+        raise ValueError(f"the attribute probe scores Shapes captions; this model was trained on "
+                         f"data.name: {pipe.cfg.data.name!r}")
     diffusion, network = pipe.diffusion, pipe.model.network
     steps = diffusion.num_timesteps
     if t is not None and not 0 <= t < steps:
