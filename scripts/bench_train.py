@@ -30,8 +30,7 @@ def model_size(cfg, num_classes):
             pass
         else:
             return tokenizer.num_embeddings, token_grid(cfg, tokenizer)
-    side = cfg.data.size // 2 ** (len(cfg.tokenizer.ch_mult) - 1)
-    return num_classes, (side, side)
+    return num_classes, token_grid(cfg)
 
 
 def main():

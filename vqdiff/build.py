@@ -24,11 +24,8 @@ def data_shape(cfg: ExperimentConfig, tokenizer=None) -> tuple[int, ...]:
     tokenizer, else from cfg.tokenizer's architecture)."""
     name = cfg.data.name
     if cfg.model is ModelType.DDPM and cfg.gaussian.space is DiffusionSpace.LATENT:
-        if tokenizer is not None:
-            side = cfg.data.size // tokenizer.downsample_factor
-            return (tokenizer.config["embedding_dim"], side, side)
-        side = cfg.data.size // 2 ** (len(cfg.tokenizer.ch_mult) - 1)
-        return (cfg.tokenizer.embedding_dim, side, side)
+        dim = tokenizer.config["embedding_dim"] if tokenizer is not None else cfg.tokenizer.embedding_dim
+        return (dim, *token_grid(cfg, tokenizer))
     if name in VECTOR_DATA:
         return (2,)
     if name == "mnist":
@@ -301,8 +298,11 @@ def load_configured_tokenizer(cfg: ExperimentConfig):
     return load_tokenizer(cfg.tokenizer.path)
 
 
-def token_grid(cfg: ExperimentConfig, tokenizer) -> tuple[int, int]:
-    side = cfg.data.size // tokenizer.downsample_factor
+def token_grid(cfg: ExperimentConfig, tokenizer=None) -> tuple[int, int]:
+    """(h, w) of the token grid: data.size over the tokenizer's downsampling, or, without a tokenizer (before it
+    is trained), over the one cfg.tokenizer.ch_mult gives."""
+    factor = tokenizer.downsample_factor if tokenizer is not None else 2 ** (len(cfg.tokenizer.ch_mult) - 1)
+    side = cfg.data.size // factor
     return (side, side)
 
 
@@ -356,8 +356,7 @@ def parameter_counts(cfg: ExperimentConfig, num_classes: int | None = None) -> d
     with torch.device("meta"):
         if cfg.model is ModelType.VQ_DIFFUSION:
             from .models.transformer import parameter_counts as transformer_counts
-            side = cfg.data.size // 2 ** (len(cfg.tokenizer.ch_mult) - 1)  # before the tokenizer exists
-            grid = (side, side)
+            grid = token_grid(cfg)  # before the tokenizer exists
             if cfg.tokenizer.path is not None and Path(cfg.tokenizer.path).exists():
                 tokenizer = load_configured_tokenizer(cfg)
                 num_classes, grid = num_classes or tokenizer.num_embeddings, token_grid(cfg, tokenizer)
