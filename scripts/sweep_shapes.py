@@ -34,7 +34,7 @@ def run_cell(pipe, prompts: list[str], options: dict, batch_size: int, seed: int
     started = time.perf_counter()
     images = sample_images(pipe, prompts, batch_size, seed, **options)
     seconds = time.perf_counter() - started
-    return {"options": pipe._options(**options), "accuracy": accuracies(images, prompts),
+    return {"options": pipe.sampling_options(**options), "accuracy": accuracies(images, prompts),
             "images_per_s": len(images) / seconds}
 
 

@@ -15,6 +15,8 @@ import torch
 from vqdiff import build, cli
 from vqdiff.config import load_config
 from vqdiff.eval.probe import ATTRIBUTE_VALUES, probe_attributes
+from vqdiff.eval.shapes import evaluate
+from vqdiff.eval.trace import COLUMNS, trace_sampling
 from vqdiff.models.vqvae import GumbelVQVAE
 from vqdiff.pipeline import TextToImagePipeline, _image_tensor
 from vqdiff.train.checkpoint import CheckpointError, latest_checkpoint, load_weights
@@ -158,6 +160,31 @@ def test_a_random_text_encoder_is_named_when_training_starts_not_when_loading(tm
     runpy.run_path(str(ROOT / "scripts" / "probe_shapes.py"), run_name="__main__")
     lines = capsys.readouterr().out.splitlines()
     assert "x_t at t = 5" in lines[0] and [line.split()[0] for line in lines[2:]] == list(ATTRIBUTE_VALUES)
+
+
+def test_the_sampling_trace_ends_at_the_sample(tmp_path, tokenizer_dir, monkeypatch, capsys):
+    """The trace's last row scores the very images the pipeline samples from the same seed (the predictions it
+    adds draw no random numbers), with every token revealed; its start row has none revealed."""
+    cfg = load_config(ROOT / "configs/shapes_tiny.yaml", tiny_overrides(tmp_path, tokenizer_dir, "g", 2))
+    run(cfg)
+    pipe = TextToImagePipeline.from_pretrained(cfg.run_dir)
+    prompts = ["a large red circle at the top left", "a small blue square at the center",
+               "a large green triangle at the bottom", "a small yellow diamond at the right"]
+    trace = trace_sampling(pipe, prompts, seed=3, progress=False, guidance_scale=3.0)
+    assert trace.steps == [-1, 0, 1, 3, 4, 5, 6, 8, 9]  # 10 steps: record_steps(10) after the start
+    assert trace.revealed[0] == 0.0 and trace.revealed[-1] == 1.0
+    assert all(a <= b for a, b in zip(trace.revealed, trace.revealed[1:]))
+    images = pipe(prompts, torch.Generator().manual_seed(3), progress=False, guidance_scale=3.0)
+    sample = evaluate(images, prompts).groups["all"]
+    assert trace.scores[-1] == {c: sample[c] for c in COLUMNS}
+    with pytest.raises(ValueError, match=r"steps to record must lie in \[0, 9\]"):
+        trace_sampling(pipe, prompts[:1], at=[10], progress=False)
+    monkeypatch.setattr(sys, "argv", ["trace_shapes.py", "--checkpoint", str(cfg.run_dir), "--n", "2",
+                                      "--objects", "1", "--steps", "4"])
+    runpy.run_path(str(ROOT / "scripts" / "trace_shapes.py"), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert "2 val prompts with 1 object(s)" in lines[0] and lines[1].split()[:2] == ["step", "revealed"]
+    assert [line.split()[0] for line in lines[2:]] == ["start", "1", "2", "3", "4"]
 
 
 @pytest.mark.slow

@@ -170,10 +170,11 @@ def eval_shapes_command(argv: list[str]) -> dict:
     report = evaluate(images, prompts)
     print(report.table())
     print(f"{len(images)} images in {seconds:.1f} s ({len(images) / seconds:.2f} img/s), options "
-          f"{pipe._options(**options)}")
+          f"{pipe.sampling_options(**options)}")
     if args.grid:
         make_grid(images[:48], prompts[:48], report.scores[:48]).save(args.grid)
-    result = {"report": report.to_dict(), "images_per_s": len(images) / seconds, "options": pipe._options(**options)}
+    result = {"report": report.to_dict(), "images_per_s": len(images) / seconds,
+              "options": pipe.sampling_options(**options)}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result

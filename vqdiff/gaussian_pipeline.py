@@ -98,7 +98,7 @@ class GaussianTextToImagePipeline:
 
     # ---- sampling --------------------------------------------------------------------------------
 
-    def _options(self, **given) -> dict:
+    def sampling_options(self, **given) -> dict:
         """steps (int, "50", "ddim25"...), sampler (ddpm | ddim), eta, guidance_scale; defaults from cfg.sample."""
         wrong = [k for k in VQ_ONLY_OPTIONS if given.get(k) is not None]
         if wrong:
@@ -122,7 +122,7 @@ class GaussianTextToImagePipeline:
     def sample_iter(self, prompts, generator=None, progress: bool = True, **options):
         """Yield the state [B, C, H, W] (pixels, or scaled latents) after each reverse step."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        opts = self._options(**options)
+        opts = self.sampling_options(**options)
         cond, null_cond = self.conditions(prompts, opts["guidance_scale"])
         for state in self.diffusion.sample_iter(
                 self.model.network, (len(prompts), *self.shape), cond=cond, null_cond=null_cond,

@@ -198,7 +198,8 @@ class TextToImagePipeline:
 
     # ---- sampling --------------------------------------------------------------------------------
 
-    def _options(self, **given) -> dict:
+    def sampling_options(self, **given) -> dict:
+        """steps, guidance_scale, truncation_rate, temperature, strategy: those given (not None), else cfg.sample's."""
         s = self.cfg.sample
         defaults = dict(steps=s.steps, guidance_scale=s.guidance_scale, truncation_rate=s.truncation_rate,
                         temperature=s.temperature, strategy=s.strategy)
@@ -223,7 +224,7 @@ class TextToImagePipeline:
                     **options):
         """Yield token maps [B, N] after each step (the last has no [MASK])."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        opts = self._options(**options)
+        opts = self.sampling_options(**options)
         cond, null_cond = self.conditions(prompts, opts["guidance_scale"])
         yield from self.diffusion.sample_iter(
             self.model.network, len(prompts), self.grid[0] * self.grid[1], cond=cond, null_cond=null_cond,
