@@ -43,3 +43,19 @@ def test_null_text_starts_at_the_scale_of_the_text_features(config, normalize, s
     null = null_text.detach().norm(dim=-1).mean()
     assert real == pytest.approx(norm, rel=0.05)
     assert null == pytest.approx(real.item(), rel=0.15)
+
+
+@pytest.mark.parametrize("config", ["shapes_tiny", "ddpm_shapes_latent"])
+def test_counts_read_k_and_grid_from_a_trained_tokenizer(config, tokenizer_dir):
+    """`vqdiff info` on a config whose tokenizer exists (a real module, loaded outside the meta device): K = 16
+    and a 4x downsampling (8x8 tokens of 32 px) come from it, not from the config."""
+    cfg = load_config(Path(__file__).resolve().parents[1] / f"configs/{config}.yaml",
+                      [f"tokenizer.path={tokenizer_dir}", "data.size=32"])
+    counts = build.parameter_counts(cfg)
+    if config == "shapes_tiny":
+        width = cfg.transformer.width
+        assert counts["transformer.to_logits"] == (width + 1) * 16 + 2 * width  # layer norm + linear to K = 16
+        # K + 1 token embeddings ([MASK] too) and row and column embeddings of an 8x8 grid
+        assert counts["transformer.content_emb"] == (16 + 1) * width + 2 * 8 * width
+    else:
+        assert counts["unet"] > 0 and counts["text_encoder"] > 0

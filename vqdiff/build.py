@@ -353,13 +353,17 @@ def parameter_counts(cfg: ExperimentConfig, num_classes: int | None = None) -> d
     if (cfg.model is ModelType.VQ_DIFFUSION or is_text_ddpm(cfg)) and cfg.text.backend == "open_clip":
         cfg = copy.deepcopy(cfg)
         cfg.text.weights = "none"  # counting needs the architecture only, not the local weights file
+    # a trained tokenizer holds real weights: loaded on the CPU, outside the meta device
+    uses_tokenizer = cfg.model is ModelType.VQ_DIFFUSION or (is_text_ddpm(cfg)
+                                                            and cfg.gaussian.space is DiffusionSpace.LATENT)
+    has_tokenizer = uses_tokenizer and cfg.tokenizer.path is not None and Path(cfg.tokenizer.path).exists()
+    tokenizer = load_configured_tokenizer(cfg) if has_tokenizer else None
     with torch.device("meta"):
         if cfg.model is ModelType.VQ_DIFFUSION:
             from .models.transformer import parameter_counts as transformer_counts
-            grid = token_grid(cfg)  # before the tokenizer exists
-            if cfg.tokenizer.path is not None and Path(cfg.tokenizer.path).exists():
-                tokenizer = load_configured_tokenizer(cfg)
-                num_classes, grid = num_classes or tokenizer.num_embeddings, token_grid(cfg, tokenizer)
+            grid = token_grid(cfg, tokenizer)
+            if tokenizer is not None:
+                num_classes = num_classes or tokenizer.num_embeddings
             model = build_vq_model(cfg, num_classes or cfg.tokenizer.num_embeddings, grid)
             counts = {f"transformer.{k}": v for k, v in transformer_counts(model.network).items()}
             counts["text_encoder"] = count_parameters(model.text_encoder)
@@ -367,9 +371,7 @@ def parameter_counts(cfg: ExperimentConfig, num_classes: int | None = None) -> d
         if cfg.model is ModelType.VQVAE:
             return {"tokenizer": count_parameters(build_tokenizer(cfg))}
         if is_text_ddpm(cfg):
-            latent = cfg.gaussian.space is DiffusionSpace.LATENT
-            has_tokenizer = latent and cfg.tokenizer.path is not None and Path(cfg.tokenizer.path).exists()
-            model = build_ddpm_model(cfg, load_configured_tokenizer(cfg) if has_tokenizer else None)
+            model = build_ddpm_model(cfg, tokenizer)
             return {cfg.network.value: count_parameters(model.network),
                     "text_encoder": count_parameters(model.text_encoder)}
         return {cfg.network.value: count_parameters(build_network(cfg))}
