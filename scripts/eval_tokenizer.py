@@ -1,6 +1,10 @@
-"""Reconstruction quality of a trained tokenizer on the shapes val split: PSNR and the shapes attribute metric.
+"""Reconstruction quality of a trained tokenizer on Shapes images: PSNR and the shapes attribute metric.
 
     python scripts/eval_tokenizer.py --tokenizer outputs/vqvae_shapes/tokenizer --n 1000 --out recon.png
+    python scripts/eval_tokenizer.py --tokenizer outputs/vqvae_shapes/tokenizer --split heldout --n 500
+
+The heldout split shows every image with at least one colour-shape pair that the train split (the tokenizer's
+training data) never has: whether the codes generalise to those pairs.
 
 Prints the shapes metric per attribute on the reconstructions (what the tokenizer loses), the mean per-image PSNR
 (dB) and the per-image accuracy of vqdiff.eval.shapes on the reconstructions
@@ -44,7 +48,8 @@ def blank_patch_codes(tokenizer, images: torch.Tensor, batch_size: int, device: 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", required=True, help="trained tokenizer directory")
-    parser.add_argument("--n", type=int, default=1000, help="val images")
+    parser.add_argument("--n", type=int, default=1000, help="images")
+    parser.add_argument("--split", default="val", choices=("val", "heldout"))
     parser.add_argument("--seed", type=int, default=0, help="shapes data seed (data.seed of the training config)")
     parser.add_argument("--max-objects", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=50)
@@ -54,7 +59,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     tokenizer = load_tokenizer(args.tokenizer, args.device)
     size = tokenizer.config["resolution"]
-    data = ShapesDataset("val", size=size, num_samples=args.n, seed=args.seed, max_objects=args.max_objects)
+    data = ShapesDataset(args.split, size=size, num_samples=args.n, seed=args.seed, max_objects=args.max_objects)
     originals, recons = [], []
     for batch in tqdm(image_loader(data, args.batch_size), desc="reconstructing"):
         originals.append(batch["image"])
@@ -65,7 +70,7 @@ def main(argv=None) -> None:
     print("shapes metric on the reconstructions (what the tokenizer loses, per attribute):")
     print(report.table())
     result = {
-        "tokenizer": args.tokenizer, "images": len(data), "codes": tokenizer.num_embeddings,
+        "tokenizer": args.tokenizer, "split": args.split, "images": len(data), "codes": tokenizer.num_embeddings,
         "token_grid": "x".join(map(str, tokenizer.encode(originals[:1].to(args.device)).shape[1:])),
         "psnr": float(psnr(recons, originals)),
         "shapes_accuracy_recon": report.groups["all"]["image"],

@@ -61,3 +61,12 @@ def test_train_then_encode(tmp_path):
              if bool((val[i]["image"][:, 2 * y:2 * y + 2, 2 * x:2 * x + 2] == 1).all())]
     assert report["blank_patch_codes"] == len(set(blank)) > 0
     assert report["blank_patch_top_code_share"] == pytest.approx(max(map(blank.count, blank)) / len(blank))
+    # --split heldout: the images whose colour-shape pairs the tokenizer never trained on
+    run_script("scripts/eval_tokenizer.py", "--tokenizer", run / "tokenizer", "--n", "4", "--split", "heldout",
+               "--out", tmp_path / "recon_heldout.png", "--json", tmp_path / "heldout.json")
+    heldout_report = json.loads((tmp_path / "heldout.json").read_text())
+    heldout = ShapesDataset("heldout", size=16, num_samples=4)
+    assert heldout_report["split"] == "heldout"
+    assert all(any(obj.heldout for obj in heldout.scene(i)[0]) for i in range(4))
+    originals = evaluate([heldout[i]["image"] for i in range(4)], [heldout.caption(i) for i in range(4)])
+    assert heldout_report["shapes_accuracy_original"] == originals.groups["all"]["image"]
