@@ -59,3 +59,15 @@ def test_counts_read_k_and_grid_from_a_trained_tokenizer(config, tokenizer_dir):
         assert counts["transformer.content_emb"] == (16 + 1) * width + 2 * 8 * width
     else:
         assert counts["unet"] > 0 and counts["text_encoder"] > 0
+
+
+def test_shapes_config_starts_attention_at_one_over_sqrt_width():
+    """configs/shapes.yaml's `transformer.qk_init_std` reaches every attention's query and key projections."""
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/shapes.yaml")
+    assert cfg.transformer.qk_init_std == pytest.approx(cfg.transformer.width ** -0.5)
+    torch.manual_seed(0)
+    network = build.build_vq_model(cfg, num_classes=16, grid_size=(8, 8)).network
+    for block in network.blocks:
+        for layer in (block.attn1.query, block.attn1.key, block.attn2.query, block.attn2.key):
+            assert layer.weight.std().item() == pytest.approx(cfg.transformer.qk_init_std, rel=0.03)
+        assert block.attn2.value.weight.std().item() == pytest.approx(0.02, rel=0.03)

@@ -267,7 +267,7 @@ def transformer_kwargs(cfg: ExperimentConfig) -> dict:
     return dict(size, num_steps=cfg.discrete.num_timesteps, time_embedding=tc.time_embedding,
                 mlp_activation=tc.mlp_activation, mlp_ratio=tc.mlp_ratio, mask_text_padding=tc.mask_text_padding,
                 null_text_embedding=tc.null_text_embedding, text_drop_prob=tc.text_drop_prob, dropout=tc.dropout,
-                gradient_checkpointing=tc.gradient_checkpointing)
+                gradient_checkpointing=tc.gradient_checkpointing, qk_init_std=tc.qk_init_std)
 
 
 def build_vq_model(cfg: ExperimentConfig, num_classes: int, grid_size: tuple[int, int]):

@@ -150,6 +150,7 @@ class TransformerConfig:
     text_drop_prob: float = 0.1      # caption dropped for the null embedding in training
     dropout: float = 0.0
     gradient_checkpointing: bool = False
+    qk_init_std: float | None = None  # attention query/key weights at init; None: 0.02 like every layer (released)
 
 
 @dataclass

@@ -215,6 +215,21 @@ def test_training_forward_drops_captions_but_eval_does_not():
     torch.testing.assert_close(model(x, t, text=text, text_mask=mask), cond_out, rtol=0, atol=0)
 
 
+def test_qk_init_std_sets_only_the_attention_queries_and_keys():
+    """The option scales the query/key projections of both attentions at init; every other layer keeps 0.02."""
+    config = dict(num_classes=K, grid_size=GRID, width=256, num_layers=2, num_heads=8, text_dim=64,
+                  text_length=TEXT_LEN, num_steps=10)
+    torch.manual_seed(0)
+    scaled, released = DiffusionTransformer(**config, qk_init_std=0.0625), DiffusionTransformer(**config)
+    for block in scaled.blocks:
+        for attn in (block.attn1, block.attn2):
+            for layer, std in ((attn.query, 0.0625), (attn.key, 0.0625), (attn.value, 0.02), (attn.proj, 0.02)):
+                assert layer.weight.std().item() == pytest.approx(std, rel=0.03)  # >= 16k draws: rel. s.e. < 0.6%
+    for name, p in released.named_parameters():
+        if name.endswith(("query.weight", "key.weight")):
+            assert p.std().item() == pytest.approx(0.02, rel=0.03)
+
+
 def test_text_drop_prob_needs_a_null_embedding():
     with pytest.raises(ValueError, match="null_text_embedding"):
         tiny(text_drop_prob=0.1)

@@ -81,7 +81,8 @@ class DiffusionTransformer(nn.Module):
                  num_steps: int = 100, time_embedding: TimeEmbedding | str = TimeEmbedding.TABLE,
                  mlp_activation: Activation | str = Activation.GELU, mlp_ratio: float = 4.0,
                  mask_text_padding: bool = True, null_text_embedding: bool = False, text_drop_prob: float = 0.0,
-                 null_text_std: float | None = None, dropout: float = 0.0, gradient_checkpointing: bool = False):
+                 null_text_std: float | None = None, dropout: float = 0.0, gradient_checkpointing: bool = False,
+                 qk_init_std: float | None = None):
         super().__init__()
         if not 0.0 <= text_drop_prob < 1.0:
             raise ValueError(f"text_drop_prob must be in [0, 1), got {text_drop_prob}")
@@ -97,6 +98,11 @@ class DiffusionTransformer(nn.Module):
                              Activation(mlp_activation), mlp_ratio, dropout) for _ in range(num_layers))
         self.to_logits = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, num_classes))
         self.apply(init_weights)
+        if qk_init_std is not None:
+            for block in self.blocks:
+                for attn in (block.attn1, block.attn2):
+                    nn.init.normal_(attn.query.weight, std=qk_init_std)
+                    nn.init.normal_(attn.key.weight, std=qk_init_std)
         if null_text_embedding:
             std = text_dim ** -0.5 if null_text_std is None else null_text_std
             self.empty_text_embed = nn.Parameter(torch.randn(text_length, text_dim) * std)
