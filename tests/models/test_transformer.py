@@ -228,6 +228,8 @@ def test_qk_init_std_sets_only_the_attention_queries_and_keys():
     for name, p in released.named_parameters():
         if name.endswith(("query.weight", "key.weight")):
             assert p.std().item() == pytest.approx(0.02, rel=0.03)
+    with pytest.raises(ValueError, match="qk_init_std must be > 0"):
+        DiffusionTransformer(**config, qk_init_std=0.0)
 
 
 def test_text_drop_prob_needs_a_null_embedding():

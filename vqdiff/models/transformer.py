@@ -73,7 +73,8 @@ class DiffusionTransformer(nn.Module):
     learnable classifier-free guidance); `text_drop_prob` swaps it in for a caption with that probability
     in training. It starts at the scale of the text features: `null_text_std` per element, by default
     1/sqrt(text_dim) (per-token norm ~1, as L2-normalised CLIP features have); 1.0 suits un-normalised
-    layer-norm outputs.
+    layer-norm outputs. `qk_init_std` initialises every attention's query and key weights at that std instead
+    of 0.02 (1/sqrt(width) starts the attention logits near 1 at small widths).
     """
 
     def __init__(self, num_classes: int, width: int, num_layers: int, num_heads: int,
@@ -86,6 +87,8 @@ class DiffusionTransformer(nn.Module):
         super().__init__()
         if not 0.0 <= text_drop_prob < 1.0:
             raise ValueError(f"text_drop_prob must be in [0, 1), got {text_drop_prob}")
+        if qk_init_std is not None and not qk_init_std > 0:
+            raise ValueError(f"qk_init_std must be > 0 (or None for the released 0.02), got {qk_init_std}")
         if text_drop_prob > 0 and not null_text_embedding:
             raise ValueError("text_drop_prob > 0 needs null_text_embedding=True (the dropped caption's stand-in)")
         self.num_classes, self.grid_size = num_classes, tuple(grid_size)
