@@ -134,6 +134,11 @@ def test_report_groups_and_table():
     assert groups["held-out"]["images"] >= 4  # every heldout-split image
     assert sum(groups[name]["images"] for name in groups if name.endswith(("object", "objects"))
                and name != "held-out objects") == 12
+    for count in ("1 object", "2 objects"):
+        seen, heldout = groups[f"{count} seen"], groups[f"{count} held-out"]
+        assert seen["images"] + heldout["images"] == groups[count]["images"]
+        mean = (seen["image"] * seen["images"] + heldout["image"] * heldout["images"]) / groups[count]["images"]
+        assert mean == pytest.approx(groups[count]["image"])
     assert groups["all"]["objects"] == sum(len(o) for o in objects)
     assert groups["held-out objects"]["objects"] == sum(obj.heldout for o in objects for obj in o)
     assert len(report.scores) == 12

@@ -306,12 +306,12 @@ class ShapesReport:
 
     def table(self) -> str:
         """The report as a plain-text table of percentages."""
-        header = f"{'group':<18}{'images':>7}{'objects':>8}" + "".join(f"{name:>9}" for name in _COLUMNS)
+        header = f"{'group':<20}{'images':>7}{'objects':>8}" + "".join(f"{name:>9}" for name in _COLUMNS)
         lines = [header, "-" * len(header)]
         for name, stats in self.groups.items():
             images = "-" if stats["images"] is None else str(stats["images"])
             cells = "".join(f"{'-' if stats[c] is None else f'{100 * stats[c]:.1f}':>9}" for c in _COLUMNS)
-            lines.append(f"{name:<18}{images:>7}{stats['objects']:>8}{cells}")
+            lines.append(f"{name:<20}{images:>7}{stats['objects']:>8}{cells}")
         return "\n".join(lines)
 
 
@@ -327,7 +327,8 @@ def _group_stats(object_results: list[dict], image_scores: list[dict] | None) ->
 
 
 def evaluate(images: Sequence[Any], captions: Sequence[str | Sequence[Object]]) -> ShapesReport:
-    """Score images against captions; groups: all, by object count, seen vs held-out (colour, shape) pairs.
+    """Score images against captions; groups: all, by object count, seen vs held-out (colour, shape) pairs,
+    and each object count split into seen and held-out (when there are several counts).
 
     "held-out" holds the images with at least one held-out pair; "held-out objects" scores just those objects.
     """
@@ -340,6 +341,11 @@ def evaluate(images: Sequence[Any], captions: Sequence[str | Sequence[Object]]) 
         members[f"{count} object{'s' if count > 1 else ''}"] = [i for i, o in enumerate(parsed) if len(o) == count]
     members["seen"] = [i for i, o in enumerate(parsed) if not any(obj.heldout for obj in o)]
     members["held-out"] = [i for i, o in enumerate(parsed) if any(obj.heldout for obj in o)]
+    counts = [name for name in members if name.endswith(("object", "objects"))]
+    if len(counts) > 1:  # the crossings: a target on one-object prompts may mean seen pairs or all of them
+        for count in counts:
+            for split in ("seen", "held-out"):
+                members[f"{count} {split}"] = sorted(set(members[count]) & set(members[split]))
     groups = {}
     for name, indices in members.items():
         if indices:
