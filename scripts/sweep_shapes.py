@@ -5,7 +5,7 @@
     python scripts/sweep_shapes.py --checkpoint outputs/shapes --table truncation --n 100
 
 strategies: ancestral and purity, unguided and with the config's guidance scale, at 10/25/50/100 steps.
-guidance: scales 1, 2, 3, 5 at 25 steps; truncation: rates 1, 0.95, 0.86, 0.7 at 25 steps (the config's
+guidance: scales 1, 2, 3, 5 at 25 steps; truncation: rates 1, 0.95, 0.86, 0.7, 0.5 at 25 steps (the config's
 other options). Every cell samples the same `--n` val and `--n` held-out prompts with the same seed and
 reports per-image all-attribute accuracy (one-object, two-object, seen, held-out) and images/s.
 """
@@ -27,7 +27,7 @@ def cells(table: str, guidance: float, num_timesteps: int) -> list[dict]:
     steps = min(25, num_timesteps)
     if table == "guidance":
         return [dict(guidance_scale=g, steps=steps) for g in (1.0, 2.0, 3.0, 5.0)]
-    return [dict(truncation_rate=r, steps=steps) for r in (1.0, 0.95, 0.86, 0.7)]
+    return [dict(truncation_rate=r, steps=steps) for r in (1.0, 0.95, 0.86, 0.7, 0.5)]
 
 
 def run_cell(pipe, prompts: list[str], options: dict, batch_size: int, seed: int) -> dict:
@@ -45,12 +45,13 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=50, help="prompts per split (val and held-out)")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt-seed", type=int, default=1000, help="which prompts (1000: eval_shapes.py's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
     pipe = TextToImagePipeline.from_pretrained(args.checkpoint, device=args.device)
     max_objects = pipe.cfg.data.max_objects
-    prompts = [c for split in ("val", "heldout") for c, _ in eval_prompts(split, args.n, seed=1000,
+    prompts = [c for split in ("val", "heldout") for c, _ in eval_prompts(split, args.n, args.prompt_seed,
                                                                           max_objects=max_objects)]
     guidance = pipe.cfg.sample.guidance_scale if pipe.cfg.sample.guidance_scale != 1.0 else 3.0
     print(f"# {args.checkpoint}: {len(prompts)} prompts per cell ({args.n} val + {args.n} held-out), "

@@ -70,11 +70,20 @@ def test_train_resume_and_sample(tmp_path, tokenizer_dir, monkeypatch, capsys):
     assert out.stat().st_size > 0 and (tmp_path / "p.gif").stat().st_size > 0
     assert cli.main(["sample", prompts[0], "--model", str(saved), "--steps", "3", "--guidance", "2",
                      "--dtype", "bfloat16", "--out", str(tmp_path / "bf16.png")]) == 0  # a bfloat16 transformer
+    reports = []
+    for prompt_seed in ("1000", "7"):
+        report = tmp_path / f"eval{prompt_seed}.json"
+        assert cli.main(["eval-shapes", "--checkpoint", str(saved), "--n", "2", "--steps", "2", "--prompt-seed",
+                         prompt_seed, "--json", str(report), "--grid", str(tmp_path / "eval.png")]) == 0
+        reports.append(json.loads(report.read_text()))
+    assert reports[0]["report"]["groups"]["all"]["images"] == 4 and (tmp_path / "eval.png").stat().st_size > 0
+    assert reports[0]["options"]["steps"] == 2
+    assert len(reports[0]["prompts"]) == 4 and reports[0]["prompts"] != reports[1]["prompts"]
     monkeypatch.setattr(sys, "argv", ["sweep_shapes.py", "--checkpoint", str(saved), "--table", "truncation",
                                       "--n", "2", "--json", str(tmp_path / "sweep.json")])
     runpy.run_path(str(ROOT / "scripts" / "sweep_shapes.py"), run_name="__main__")
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ancestral")]
-    assert len(rows) == 4 and len(json.loads((tmp_path / "sweep.json").read_text())) == 4
+    assert len(rows) == 5 and len(json.loads((tmp_path / "sweep.json").read_text())) == 5
     images[0].save(tmp_path / "init.png")
     mask = images[0].convert("L").point(lambda v: 0)
     mask.paste(255, (0, 0, 16, 32))  # regenerate the left half

@@ -143,6 +143,8 @@ def eval_shapes_command(argv: list[str]) -> dict:
     parser.add_argument("--strategy", choices=("ancestral", "purity"), default=None)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt-seed", type=int, default=1000,
+                        help="which prompts (1000: the README's); another set checks a choice is not tuned to them")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="cast the transformer (see vqdiff sample)")
     parser.add_argument("--grid", default=None, help="PNG of the first 48 prompts and outputs, wrong objects outlined")
@@ -158,7 +160,7 @@ def eval_shapes_command(argv: list[str]) -> dict:
     pipe = load_pipeline(args.checkpoint, device=args.device,
                          dtype=getattr(torch, args.dtype) if args.dtype else None)
     max_objects = args.max_objects or pipe.cfg.data.max_objects
-    prompts = [c for split in args.splits.split(",") for c, _ in eval_prompts(split.strip(), args.n, seed=1000,
+    prompts = [c for split in args.splits.split(",") for c, _ in eval_prompts(split.strip(), args.n, args.prompt_seed,
                                                                              max_objects=max_objects)]
     options = dict(steps=_steps(args.steps), guidance_scale=args.guidance, truncation_rate=args.truncation,
                    strategy=args.strategy)
@@ -174,7 +176,7 @@ def eval_shapes_command(argv: list[str]) -> dict:
     if args.grid:
         make_grid(images[:48], prompts[:48], report.scores[:48]).save(args.grid)
     result = {"report": report.to_dict(), "images_per_s": len(images) / seconds,
-              "options": pipe.sampling_options(**options)}
+              "options": pipe.sampling_options(**options), "prompts": prompts}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result
