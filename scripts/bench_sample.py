@@ -26,7 +26,7 @@ CONFIGS = {  # layers, width, heads, grid side, K (without [MASK]), default batc
     "tiny": (4, 256, 8, 16, 1024, 4),
     "small": (4, 256, 8, 32, 2887, 4),
     "B": (19, 1024, 16, 32, 2887, 16),
-    "shapes": (4, 256, 8, 8, 226, 8),  # configs/shapes.yaml's network (K: the 32 px tokenizer's kept codes)
+    "shapes": (4, 256, 8, 8, 670, 8),  # configs/shapes.yaml's network (K: vqvae_shapes32 kept 670-707 codes)
     "S256": (*TRANSFORMER_PRESETS["S"].values(), 32, 2887, 8),  # the S preset at 256 px
 }
 
