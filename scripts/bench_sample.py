@@ -5,8 +5,8 @@
     python scripts/bench_sample.py --configs B --dtype bfloat16 --runs 25 100            # GPU, B, batch 16
     python scripts/bench_sample.py --configs shapes S256 --batch 1 8 32 --runs 25 50 100
 
-Per config and batch: ms per sampling step (network + diffusion math), the network alone, their
-difference (the math), a step with truncation r = 0.86, a guided step (scale 3, r = 0.86, one 2B call),
+Per config and batch: ms per sampling step (network + diffusion math), the network alone, the math alone
+(the same sampling run with the network's logits computed once beforehand, and its share of the step), a step with truncation r = 0.86, a guided step (scale 3, r = 0.86, one 2B call),
 and images/s of whole ancestral runs (no truncation, no guidance, as PERFORMANCE.md's anchors) at each of
 `--runs` step counts, with
 the peak memory (CUDA max allocated; the process's peak RSS on a CPU). `--dtype bfloat16` runs under
@@ -70,8 +70,13 @@ def bench(name: str, batch: int, steps: int, runs: list[int], device, dtype: str
         x = torch.randint(0, K + 1, (batch, N), device=device)
         t = torch.full((batch,), 50, device=device)
 
-        def run(n=steps, **options):
-            diffusion.sample(model, batch, N, cond=cond, steps=n, progress=False, device=device, **options)
+        def run(n=steps, network=model, **options):
+            diffusion.sample(network, batch, N, cond=cond, steps=n, progress=False, device=device, **options)
+
+        logits = model(x, t, **cond)
+
+        def no_network(*args, **kwargs):  # a step without the network's cost: the diffusion math alone
+            return logits
 
         run()  # warm-up (and compilation)
         run(truncation_rate=0.86, guidance_scale=3.0, null_cond=null)
@@ -79,10 +84,10 @@ def bench(name: str, batch: int, steps: int, runs: list[int], device, dtype: str
             torch.cuda.reset_peak_memory_stats(device)
         net = clock(lambda: [model(x, t, **cond) for _ in range(steps)], device) / steps
         step = clock(run, device) / steps
+        math = clock(lambda: run(network=no_network), device) / steps
         truncated = clock(lambda: run(truncation_rate=0.86), device) / steps
         guided = clock(lambda: run(truncation_rate=0.86, guidance_scale=3.0, null_cond=null), device) / steps
         rates = [batch / clock(lambda: run(n), device) for n in runs]
-    math = step - net
     return (f"| {name} | {batch} | {step * 1e3:.1f} | {net * 1e3:.1f} | {math * 1e3:.1f} ({100 * math / step:.0f}%) "
             f"| {truncated * 1e3:.1f} | {guided * 1e3:.1f} | " + " | ".join(f"{r:.2f}" for r in rates)
             + f" | {peak_memory_gib(device):.2f} |")

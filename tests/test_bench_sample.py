@@ -15,4 +15,5 @@ def test_bench_sample_prints_a_row_per_batch():
     assert [int(row[1]) for row in rows] == [1, 2]
     for row in rows:
         step, network, rates = float(row[2]), float(row[3]), [float(v) for v in row[7:9]]
-        assert step > 0 and network > 0 and all(r > 0 for r in rates)
+        math = float(row[4].split()[0])  # timed alone, with the network's logits computed beforehand
+        assert step > 0 and network > 0 and 0 < math < step and all(r > 0 for r in rates)
