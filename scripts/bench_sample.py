@@ -6,8 +6,8 @@
     python scripts/bench_sample.py --configs shapes S256 --batch 1 8 32 --runs 25 50 100
 
 Per config and batch: ms per sampling step (network + diffusion math), the network alone, the math alone
-(the same sampling run with the network's logits computed once beforehand, and its share of the step), a step with truncation r = 0.86, a guided step (scale 3, r = 0.86, one 2B call),
-and images/s of whole ancestral runs (no truncation, no guidance, as PERFORMANCE.md's anchors) at each of
+(the same sampling run on logits computed once beforehand) and its share of the step, a step with truncation
+r = 0.86, a guided step (scale 3, r = 0.86, one 2B call), and images/s of whole ancestral runs (no truncation, no guidance, as PERFORMANCE.md's anchors) at each of
 `--runs` step counts, with
 the peak memory (CUDA max allocated; the process's peak RSS on a CPU). `--dtype bfloat16` runs under
 autocast with float32 weights (as PERFORMANCE.md's anchors), `--dtype bf16-weights` casts the network.
@@ -73,7 +73,7 @@ def bench(name: str, batch: int, steps: int, runs: list[int], device, dtype: str
         def run(n=steps, network=model, **options):
             diffusion.sample(network, batch, N, cond=cond, steps=n, progress=False, device=device, **options)
 
-        logits = model(x, t, **cond)
+        logits = model(x, t, **cond).clone()  # a CUDA-graph output is overwritten by the next replay
 
         def no_network(*args, **kwargs):  # a step without the network's cost: the diffusion math alone
             return logits
