@@ -8,8 +8,9 @@
 Per config and batch: ms per sampling step (network + diffusion math), the network alone, the math alone
 (the same sampling run on logits computed once beforehand) and its share of the step, a step with truncation
 r = 0.86, a guided step (scale 3, r = 0.86, one 2B call), and images/s of whole ancestral runs (no
-truncation, no guidance, as PERFORMANCE.md's anchors) at each of `--runs` step counts, with the peak memory (CUDA max allocated; the process's peak RSS on a CPU). `--dtype bfloat16` runs under
-autocast with float32 weights (as PERFORMANCE.md's anchors), `--dtype bf16-weights` casts the network.
+truncation, no guidance, as PERFORMANCE.md's anchors) at each of `--runs` step counts, with the peak memory
+(CUDA max allocated; the process's peak RSS on a CPU). `--dtype bfloat16` runs under autocast with float32
+weights (as PERFORMANCE.md's anchors), `--dtype bf16-weights` casts the network.
 """
 
 import argparse
