@@ -73,3 +73,18 @@ def test_tokenizer_encoder_is_checked():
     assert load_config(None, ["tokenizer.encoder=patch"]).tokenizer.encoder.value == "patch"
     with pytest.raises(ConfigError, match="tokenizer.encoder: 'conv' is not one of \\['taming', 'patch'\\]"):
         load_config(None, ["tokenizer.encoder=conv"])
+
+
+def test_shapes_augmentation_is_for_tokenizer_training_only():
+    """data.extent_range / shift / flip change what the captions name: a text-to-image config refuses them, a
+    tokenizer config trains on augmented images and keeps val images plain."""
+    from vqdiff import build
+    vq = ExperimentConfig(model=ModelType.VQ_DIFFUSION)
+    vq.data.flip = True
+    with pytest.raises(ConfigError, match="tokenizer training only"):
+        build.build_dataset(vq, "train")
+    tok = ExperimentConfig(model=ModelType.VQVAE)
+    tok.data.extent_range, tok.data.shift, tok.data.flip = [0.5, 1.5], 2.0, True
+    train, val = build.build_dataset(tok, "train"), build.build_dataset(tok, "val")
+    assert (train.extent_range, train.shift, train.flip) == ((0.5, 1.5), 2.0, True)
+    assert (val.extent_range, val.shift, val.flip) == (None, 0.0, False)

@@ -43,8 +43,14 @@ def build_dataset(cfg: ExperimentConfig, split: str = "train"):
         return Toy2D(d.toy, num_samples=d.num_samples, seed=d.seed if train else d.seed + 1)
     if d.name == "shapes":
         from .data.shapes import ShapesDataset
+        augment = d.extent_range is not None or d.shift > 0 or d.flip
+        if augment and cfg.model is not ModelType.VQVAE:
+            raise ConfigError("data.extent_range / data.shift / data.flip: tokenizer training only (model: vqvae); "
+                              "they change sizes and places that the captions name")
         return ShapesDataset(split=split, size=d.size, num_samples=d.num_samples, seed=d.seed,
-                             max_objects=d.max_objects, paraphrase=d.paraphrase and train)
+                             max_objects=d.max_objects, paraphrase=d.paraphrase and train,
+                             extent_range=d.extent_range if train else None, shift=d.shift if train else 0.0,
+                             flip=d.flip and train)
     if d.root is None:
         raise ConfigError(f"data.root: the {d.name!r} data set needs a local folder (data.root=PATH)")
     if d.name == "cifar10":
@@ -392,7 +398,7 @@ def build_tokenizer(cfg: ExperimentConfig):
                        attn_resolutions=t.attn_resolutions, z_channels=t.z_channels, dropout=t.dropout,
                        norm_groups=t.norm_groups, embedding_dim=t.embedding_dim, num_embeddings=t.num_embeddings,
                        straight_through=t.straight_through, kl_weight=t.kl_weight, temperature=t.temperature_start,
-                       encoder=t.encoder.value)
+                       encoder=t.encoder.value, decoder=t.decoder.value)
 
 
 def load_trained_tokenizer(cfg: ExperimentConfig, device: str = "cpu"):

@@ -40,7 +40,7 @@ class MixedPrecision(str, enum.Enum):
 
 class TokenizerEncoder(str, enum.Enum):
     TAMING = "taming"      # the taming-transformers encoder (released checkpoints)
-    PATCH = "patch"        # each token's code a function of its own f x f pixels only (models/vqvae.py)
+    PATCH = "patch"        # encoder: a code is a function of its own f x f pixels; decoder: and draws only them
 
 
 class DiffusionSpace(str, enum.Enum):
@@ -66,6 +66,11 @@ class DataConfig:
     paraphrase: bool = False         # shapes: varied caption templates
     classes: list[int] | None = None  # keep only these labels (per-class fine-tuning)
     hflip: bool = False
+    # shapes, tokenizer training only: each object's extent times U(lo, hi), centre shift of up to `shift` px at
+    # 64 px, random left-right and top-bottom flips (flip: true); the scenes stay those of the split
+    extent_range: list[float] | None = None
+    shift: float = 0.0
+    flip: bool = False
     batch_size: int = 64
     num_workers: int = 0
     tokens: str | None = None        # token cache from scripts/encode_tokens.py (VQ-Diffusion training)
@@ -98,6 +103,7 @@ class TokenizerConfig:
     """The Gumbel VQ-VAE: its architecture and training losses (model: vqvae), or `path` to a trained one."""
     path: str | None = None          # a trained tokenizer directory (config.json + model.safetensors)
     encoder: TokenizerEncoder = TokenizerEncoder.TAMING
+    decoder: TokenizerEncoder = TokenizerEncoder.TAMING  # patch: each code decodes to its own f x f pixels
     ch: int = 64
     ch_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
     num_res_blocks: int = 1

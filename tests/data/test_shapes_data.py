@@ -255,3 +255,54 @@ def test_make_shapes_writes_pngs_and_metadata(tmp_path, monkeypatch):
         pixels = torch.from_numpy(np.array(Image.open(out / line["file_name"]))).permute(2, 0, 1)
         assert torch.equal(pixels.float() / 127.5 - 1, dataset[i]["image"])
     assert Image.open(grid).size[0] > 64 * 4
+
+
+# --- tokenizer augmentation ----------------------------------------------------------------------
+
+def test_augmentation_keeps_the_scene_and_caption_and_is_deterministic():
+    plain = ShapesDataset("train", size=32, num_samples=50)
+    augmented = ShapesDataset("train", size=32, num_samples=50, extent_range=[0.6, 1.6], shift=3.0, flip=True)
+    for i in range(50):
+        assert augmented.caption(i) == plain.caption(i) and augmented[i]["objects"] == plain[i]["objects"]
+        assert torch.equal(augmented[i]["image"], augmented[i]["image"])
+    assert any(not torch.equal(augmented[i]["image"], plain[i]["image"]) for i in range(50))
+
+
+def test_extent_range_scales_each_object_within_its_bounds():
+    """One object per image, no shift or flip: the painted area (coverage summed over pixels, at 64 px) is
+    the shape's area at extent s * u with u in [lo, hi], and u spreads over the range."""
+    lo, hi = 0.5, 1.5
+    data = ShapesDataset("val", size=64, num_samples=200, max_objects=1, extent_range=[lo, hi], supersample=8)
+    ratios = []
+    for i in range(200):
+        obj = data[i]["objects"][0]
+        image = (data[i]["image"] + 1) / 2  # [3, H, W] in [0, 1]
+        white = torch.ones(3, 1, 1)
+        colour = torch.tensor(COLOURS[obj.colour], dtype=torch.float32).view(3, 1, 1) / 255
+        alpha = ((white - image) / (white - colour)).mean(0)  # coverage per pixel
+        area = float(alpha.sum())
+        ratios.append(math.sqrt(area / (SHAPE_AREAS[obj.shape] * SIZES[obj.size] ** 2)))
+    ratios = np.array(ratios)
+    assert ratios.min() > lo - 0.03 and ratios.max() < hi + 0.03  # rounding to uint8 and edge sampling
+    assert ratios.min() < lo + 0.15 and ratios.max() > hi - 0.15
+
+
+def test_flip_mirrors_the_unflipped_render():
+    """flip only: every image equals the plain render mirrored left-right and/or top-bottom, and both occur."""
+    plain = ShapesDataset("train", size=32, num_samples=40)
+    flipped = ShapesDataset("train", size=32, num_samples=40, flip=True)
+    seen = set()
+    for i in range(40):
+        a, b = plain[i]["image"], flipped[i]["image"]
+        matches = [(lr, tb) for lr in (False, True) for tb in (False, True)
+                   if torch.equal(b, a.flip([d for d, on in ((2, lr), (1, tb)) if on]) if (lr or tb) else a)]
+        assert matches
+        seen.update(matches)
+    assert len(seen) >= 3
+
+
+def test_augmentation_arguments_are_checked():
+    with pytest.raises(ValueError, match="extent_range"):
+        ShapesDataset("train", extent_range=[1.5, 0.5])
+    with pytest.raises(ValueError, match="shift"):
+        ShapesDataset("train", shift=-1)

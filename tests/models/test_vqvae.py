@@ -319,3 +319,24 @@ def test_patch_encoder_codes_depend_on_their_own_patch_only(tmp_path):
     torch.testing.assert_close(loaded.encode(images(2)), trimmed.encode(images(2)), rtol=0, atol=0)
     with pytest.raises(ValueError, match="encoder must be one of \\['taming', 'patch'\\], got 'conv'"):
         tiny_model(encoder="conv")
+
+
+def test_patch_decoder_draws_each_patch_from_its_own_code_only(tmp_path):
+    """decoder="patch": changing one latent changes exactly its own f x f pixels of the image (float64); with the
+    patch encoder the whole tokenizer is patch-local; the choice survives save/load."""
+    from vqdiff.train.tokenizer_io import load_tokenizer, save_tokenizer
+    model = tiny_model(encoder="patch", decoder="patch").double()
+    z = torch.randn(1, model.config["z_channels"], 8, 8, dtype=torch.float64)
+    out = model.decoder(z)  # [1, 3, 16, 16]; f = 2
+    for y, x in [(0, 0), (2, 6), (7, 7)]:
+        changed = z.clone()
+        changed[:, :, y, x] += 1.0
+        moved = (model.decoder(changed) - out).abs().amax(1)[0]  # [16, 16]
+        assert moved[2 * y:2 * y + 2, 2 * x:2 * x + 2].min() > 0
+        moved[2 * y:2 * y + 2, 2 * x:2 * x + 2] = 0
+        assert moved.max() == 0
+    loaded = load_tokenizer(save_tokenizer(model.float(), tmp_path / "tok"))
+    assert loaded.config["decoder"] == "patch" and type(loaded.decoder).__name__ == "PatchDecoder"
+    torch.testing.assert_close(loaded.decode(loaded.encode(images(2))), model.decode(model.encode(images(2))))
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        tiny_model(decoder="conv")

@@ -66,6 +66,7 @@ _PALETTE = {name: np.asarray(rgb, dtype=np.float64) for name, rgb in COLOURS.ite
 _UNIT_RANGE = np.arange(256, dtype=np.float32) / 127.5 - 1  # uint8 value -> [-1, 1]
 _SPLIT_CODES = {"train": 1, "val": 2, "heldout": 3}
 _MASK64 = (1 << 64) - 1
+_AUGMENT_STREAM = 0x2545F4914F6CDD1D  # xor-ed into an item's seed for its augmentation draws
 
 
 @dataclass(frozen=True)
@@ -210,13 +211,14 @@ def coverage(shape: str, centre: tuple[float, float], extent: float, window: tup
     return sum(columns[k::supersample] for k in range(supersample)) / supersample ** 2
 
 
-def _paint(canvas: np.ndarray, obj: Object, offset: tuple[float, float], supersample: int) -> None:
+def _paint(canvas: np.ndarray, obj: Object, offset: tuple[float, float], supersample: int,
+           extent_scale: float = 1.0) -> None:
     """Alpha-blend one object into canvas [H, W, 3] (float, 0..255) with its exact pixel coverage."""
     size = canvas.shape[0]
     scale = size / BASE_SIZE
     x, y = cell_centre(obj.position, BASE_SIZE)
     cx, cy = (x + offset[0]) * scale, (y + offset[1]) * scale
-    half = SIZES[obj.size] / 2 * scale
+    half = SIZES[obj.size] / 2 * scale * extent_scale
     x0, x1 = max(0, math.floor(cx - half)), min(size, math.ceil(cx + half))
     y0, y1 = max(0, math.floor(cy - half)), min(size, math.ceil(cy + half))
     if x0 >= x1 or y0 >= y1:
@@ -227,8 +229,9 @@ def _paint(canvas: np.ndarray, obj: Object, offset: tuple[float, float], supersa
 
 
 def render_array(objects: Sequence[Object], size: int = BASE_SIZE,
-                 offsets: Sequence[tuple[float, float]] | None = None, supersample: int = 4) -> np.ndarray:
-    """Like `render`, as a uint8 array [size, size, 3]."""
+                 offsets: Sequence[tuple[float, float]] | None = None, supersample: int = 4,
+                 extent_scales: Sequence[float] | None = None) -> np.ndarray:
+    """Like `render`, as a uint8 array [size, size, 3]; `extent_scales` multiply each object's extent."""
     if size < 8:
         raise ValueError(f"size must be at least 8 px, got {size}")
     if supersample < 1:
@@ -237,9 +240,11 @@ def render_array(objects: Sequence[Object], size: int = BASE_SIZE,
         offsets = [(0.0, 0.0)] * len(objects)
     if len(offsets) != len(objects):
         raise ValueError(f"got {len(offsets)} offsets for {len(objects)} objects")
+    if extent_scales is None:
+        extent_scales = [1.0] * len(objects)
     canvas = np.full((size, size, 3), BACKGROUND, dtype=np.float64)
-    for obj, offset in zip(objects, offsets):
-        _paint(canvas, obj, offset, supersample)
+    for obj, offset, extent_scale in zip(objects, offsets, extent_scales):
+        _paint(canvas, obj, offset, supersample, extent_scale)
     return (canvas + 0.5).astype(np.uint8)  # round to nearest
 
 
@@ -285,14 +290,28 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     Rendered on the fly, deterministic per (seed, split, index). Batch with `collate` (the default
     collation cannot stack dataclasses). `paraphrase=True` varies the caption wording (training only).
+
+    Augmentation for tokenizer training (the scenes, and so the colour-shape pairs, stay those of the split; the
+    captions no longer describe sizes and places exactly): `extent_range` (lo, hi) multiplies each object's
+    extent by a uniform draw, `shift` adds a uniform centre shift of at most that many pixels at 64 px, `flip`
+    mirrors the image left-right and top-bottom at random. Drawn from their own stream, so the scene of an item
+    does not depend on them.
     """
 
     def __init__(self, split: str = "train", size: int = BASE_SIZE, num_samples: int = 10_000, seed: int = 0,
-                 max_objects: int = 2, paraphrase: bool = False, supersample: int = 4):
+                 max_objects: int = 2, paraphrase: bool = False, supersample: int = 4,
+                 extent_range: Sequence[float] | None = None, shift: float = 0.0, flip: bool = False):
         _check_split(split)
         _check_max_objects(max_objects)
         if num_samples < 1:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
+        if extent_range is not None and not (len(extent_range) == 2 and 0 < extent_range[0] <= extent_range[1]):
+            raise ValueError(f"extent_range must be [lo, hi] with 0 < lo <= hi, got {extent_range}")
+        if shift < 0:
+            raise ValueError(f"shift must be non-negative, got {shift}")
+        self.extent_range = None if extent_range is None else (float(extent_range[0]), float(extent_range[1]))
+        self.shift = float(shift)
+        self.flip = flip
         self.split = split
         self.size = size
         self.num_samples = num_samples
@@ -318,11 +337,33 @@ class ShapesDataset(torch.utils.data.Dataset):
         objects, _ = random_scene(self.split, self.max_objects, generator)
         return paraphrase(objects, generator) if self.paraphrase else caption(objects)
 
+    def _augmented(self, index: int, offsets: list[tuple[float, float]]
+                   ) -> tuple[list[tuple[float, float]], list[float], tuple[bool, bool]]:
+        """Shifted offsets, extent scales and (left-right, top-bottom) flips of item `index`."""
+        u = torch.Generator().manual_seed(item_seed(self.seed, self.split, index) ^ _AUGMENT_STREAM)
+        draws = torch.rand(3 * len(offsets) + 2, generator=u, dtype=torch.float64).tolist()
+        lo, hi = self.extent_range or (1.0, 1.0)
+        shifted, scales = [], []
+        for i, (dx, dy) in enumerate(offsets):
+            a, b, c = draws[3 * i:3 * i + 3]
+            shifted.append((dx + (2 * a - 1) * self.shift, dy + (2 * b - 1) * self.shift))
+            scales.append(lo + (hi - lo) * c)
+        flips = (self.flip and draws[-2] < 0.5, self.flip and draws[-1] < 0.5)
+        return shifted, scales, flips
+
     def __getitem__(self, index: int) -> dict:
         generator = self._generator(index)
         objects, offsets = random_scene(self.split, self.max_objects, generator)
         text = paraphrase(objects, generator) if self.paraphrase else caption(objects)
-        image = render_array(objects, self.size, offsets, self.supersample).transpose(2, 0, 1)  # [3, H, W]
+        scales, flips = None, (False, False)
+        if self.extent_range is not None or self.shift > 0 or self.flip:
+            offsets, scales, flips = self._augmented(index, offsets)
+        image = render_array(objects, self.size, offsets, self.supersample, scales)  # [H, W, 3]
+        if flips[0]:
+            image = image[:, ::-1]
+        if flips[1]:
+            image = image[::-1]
+        image = np.ascontiguousarray(image.transpose(2, 0, 1))  # [3, H, W]
         return {"image": torch.from_numpy(_UNIT_RANGE[image]), "caption": text, "objects": objects}
 
 

@@ -20,9 +20,10 @@ GUMBEL_F8_CONFIG = dict(
     resolution=256, in_channels=3, out_channels=3, ch=128, ch_mult=[1, 1, 2, 4], num_res_blocks=2,
     attn_resolutions=[32], z_channels=256, dropout=0.0, norm_groups=32, embedding_dim=256,
     num_embeddings=8192, straight_through=True, kl_weight=1e-8, temperature=1.0, num_kept_codes=None,
-    encoder="taming",
+    encoder="taming", decoder="taming",
 )
 ENCODER_TYPES = ("taming", "patch")
+DECODER_TYPES = ("taming", "patch")
 
 
 def normalize(channels: int, groups: int) -> nn.GroupNorm:
@@ -174,6 +175,27 @@ class PatchEncoder(nn.Module):
         return self.conv_out(F.silu(h))
 
 
+class PatchDecoder(nn.Module):
+    """Latents [B, z_channels, h, w] -> images [B, out_channels, h*f, w*f] where each f x f pixel patch is a function
+    of its own latent only: residual 1x1 blocks, then a stride-f transposed convolution. With a PatchEncoder the
+    tokenizer becomes a learned codebook of f x f patches; a code then means the same pixels wherever it is used,
+    so codes seen in one colour-shape pair can be reused for another (README, Tokenizer)."""
+
+    def __init__(self, *, out_channels: int, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int):
+        super().__init__()
+        f, width = 2 ** (len(ch_mult) - 1), ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, width, 1)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Conv2d(width, width, 1), nn.SiLU(),
+                                                  nn.Conv2d(width, width, 1)) for _ in range(num_res_blocks))
+        self.conv_out = nn.ConvTranspose2d(width, out_channels, f, stride=f)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(z)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.conv_out(F.silu(h))
+
+
 class Decoder(nn.Module):
     """Latents [B, z_channels, h, w] -> images [B, out_channels, h*f, w*f] (unclamped).
 
@@ -275,23 +297,27 @@ class GumbelVQVAE(ImageCodec):
 
     Images are float [B, 3, H, W] in [-1, 1] with H, W divisible by `downsample_factor`; tokens are int64 [B, h, w]
     in [0, num_embeddings). `trim` gives a tokenizer over the used codes only (`num_kept_codes` in the config).
-    `encoder="patch"` swaps the taming encoder for a PatchEncoder (codes of f x f patches, independent of the rest)."""
+    `encoder="patch"` swaps the taming encoder for a PatchEncoder (codes of f x f patches, independent of the rest),
+    `decoder="patch"` the taming decoder for a PatchDecoder (each code decodes to its own f x f patch)."""
 
     def __init__(self, *, resolution: int = 256, in_channels: int = 3, out_channels: int = 3, ch: int = 128,
                  ch_mult: Sequence[int] = (1, 1, 2, 4), num_res_blocks: int = 2,
                  attn_resolutions: Sequence[int] = (32,),
                  z_channels: int = 256, dropout: float = 0.0, norm_groups: int = 32, embedding_dim: int = 256,
                  num_embeddings: int = 8192, straight_through: bool = True, kl_weight: float = 1e-8,
-                 temperature: float = 1.0, num_kept_codes: int | None = None, encoder: str = "taming"):
+                 temperature: float = 1.0, num_kept_codes: int | None = None, encoder: str = "taming",
+                 decoder: str = "taming"):
         super().__init__()
         if encoder not in ENCODER_TYPES:
             raise ValueError(f"encoder must be one of {list(ENCODER_TYPES)}, got {encoder!r}")
+        if decoder not in DECODER_TYPES:
+            raise ValueError(f"decoder must be one of {list(DECODER_TYPES)}, got {decoder!r}")
         self.config = dict(
             resolution=resolution, in_channels=in_channels, out_channels=out_channels, ch=ch, ch_mult=list(ch_mult),
             num_res_blocks=num_res_blocks, attn_resolutions=list(attn_resolutions), z_channels=z_channels,
             dropout=dropout, norm_groups=norm_groups, embedding_dim=embedding_dim, num_embeddings=num_embeddings,
             straight_through=straight_through, kl_weight=kl_weight, temperature=temperature,
-            num_kept_codes=num_kept_codes, encoder=encoder,
+            num_kept_codes=num_kept_codes, encoder=encoder, decoder=decoder,
         )
         for width in [ch * m for m in ch_mult]:
             if width % norm_groups:
@@ -303,7 +329,11 @@ class GumbelVQVAE(ImageCodec):
                                         num_res_blocks=num_res_blocks, z_channels=z_channels)
         else:
             self.encoder = Encoder(in_channels=in_channels, **levels)
-        self.decoder = Decoder(out_channels=out_channels, **levels)
+        if decoder == "patch":
+            self.decoder = PatchDecoder(out_channels=out_channels, ch=ch, ch_mult=ch_mult,
+                                        num_res_blocks=num_res_blocks, z_channels=z_channels)
+        else:
+            self.decoder = Decoder(out_channels=out_channels, **levels)
         self.quant_conv = nn.Conv2d(z_channels, z_channels, 1)
         self.quantize = GumbelQuantizer(z_channels, embedding_dim, num_embeddings, straight_through, kl_weight,
                                         temperature)
