@@ -398,7 +398,7 @@ def build_tokenizer(cfg: ExperimentConfig):
                        attn_resolutions=t.attn_resolutions, z_channels=t.z_channels, dropout=t.dropout,
                        norm_groups=t.norm_groups, embedding_dim=t.embedding_dim, num_embeddings=t.num_embeddings,
                        straight_through=t.straight_through, kl_weight=t.kl_weight, temperature=t.temperature_start,
-                       encoder=t.encoder.value, decoder=t.decoder.value)
+                       encoder=t.encoder.value, decoder=t.decoder.value, factors=t.factors)
 
 
 def load_trained_tokenizer(cfg: ExperimentConfig, device: str = "cpu"):

@@ -111,6 +111,7 @@ class TokenizerConfig:
     z_channels: int = 64
     embedding_dim: int = 64
     num_embeddings: int = 1024
+    factors: list[int] | None = None  # [F, S], F * S = num_embeddings: a product codebook (FactoredGumbelQuantizer)
     norm_groups: int = 32
     dropout: float = 0.0
     straight_through: bool = True

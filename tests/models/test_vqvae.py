@@ -340,3 +340,28 @@ def test_patch_decoder_draws_each_patch_from_its_own_code_only(tmp_path):
     torch.testing.assert_close(loaded.decode(loaded.encode(images(2))), model.decode(model.encode(images(2))))
     with pytest.raises(ValueError, match="decoder must be one of"):
         tiny_model(decoder="conv")
+
+
+def test_factored_codebook_is_a_product_of_two_categoricals(tmp_path):
+    """tokenizer.factors=[F, S]: softmax over the F * S code logits equals the outer product of the two factors'
+    softmaxes (float64), code i * S + j embeds as [row i of the first table, row j of the second], every code
+    survives trimming at min_count=0 and save/load, and a bad factorisation is refused."""
+    from vqdiff.train.tokenizer_io import load_tokenizer, save_tokenizer
+    model = tiny_model(num_embeddings=24, factors=[6, 4]).double()
+    z = model.quant_conv(model.encoder(images(2).double()))
+    parts = model.quantize.proj(z)
+    joint = model.quantize.logits(z).softmax(1)  # [B, 24, h, w]
+    product = (parts[:, :6].softmax(1)[:, :, None] * parts[:, 6:].softmax(1)[:, None]).flatten(1, 2)
+    torch.testing.assert_close(joint, product, rtol=0, atol=1e-12)
+    codebook = model.quantize.codebook()
+    half = model.config["embedding_dim"] // 2
+    for i, j in [(0, 0), (5, 3), (2, 1)]:
+        assert torch.equal(codebook[i * 4 + j, :half], model.quantize.embed_first.weight[i])
+        assert torch.equal(codebook[i * 4 + j, half:], model.quantize.embed_second.weight[j])
+    kept = model.float().trim(torch.zeros(24, dtype=torch.long), min_count=0)
+    loaded = load_tokenizer(save_tokenizer(kept, tmp_path / "tok"))
+    assert loaded.num_embeddings == 24 and loaded.config["factors"] == [6, 4]
+    tokens = torch.arange(24).view(1, 4, 6)
+    torch.testing.assert_close(loaded.decode(tokens), model.float().decode(tokens))
+    with pytest.raises(ValueError, match="product is num_embeddings"):
+        tiny_model(num_embeddings=24, factors=[5, 4])

@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -78,6 +79,44 @@ class GumbelQuantizer(nn.Module):
     def embed_ids(self, ids: torch.Tensor, code_map: torch.Tensor | None = None) -> torch.Tensor:
         codes = ids if code_map is None else code_map[ids]
         return self.embed(codes).permute(0, 3, 1, 2)  # [B, D, h, w]
+
+
+class FactoredGumbelQuantizer(GumbelQuantizer):
+    """A product codebook: code (i, j), id i * factors[1] + j, of factors[0] x factors[1] codes, embeds as the
+    concatenation of row i of one table and row j of another; its logit is a_i + b_j, so softmax over all codes is
+    the product of two categoricals and a Gumbel-softmax sample over the ids draws both at once. Every code pairs
+    parts that are each trained with many partners, so a pair never seen in training still has a code; the
+    intent is one factor for the outline and one for the colour of a patch (docs/shapes_experiments.md)."""
+
+    def __init__(self, num_hiddens: int, embedding_dim: int, factors: tuple[int, int], straight_through: bool = True,
+                 kl_weight: float = 5e-4, temperature: float = 1.0):
+        first, second = factors
+        if first < 2 or second < 2:
+            raise ValueError(f"both factors must be at least 2, got {list(factors)}")
+        if embedding_dim < 2:
+            raise ValueError(f"embedding_dim must be at least 2 to split between the factors, got {embedding_dim}")
+        super().__init__(num_hiddens, embedding_dim, first * second, straight_through, kl_weight, temperature)
+        self.factors = (first, second)
+        self.proj = nn.Conv2d(num_hiddens, first + second, 1)
+        half = embedding_dim // 2
+        del self.embed
+        self.embed_first = nn.Embedding(first, half)
+        self.embed_second = nn.Embedding(second, embedding_dim - half)
+
+    def logits(self, z: torch.Tensor, code_map: torch.Tensor | None = None) -> torch.Tensor:
+        first, second = self.factors
+        parts = self.proj(z)  # [B, F + S, h, w]
+        logits = (parts[:, :first, None] + parts[:, None, first:]).flatten(1, 2)  # [B, F * S, h, w]
+        return logits if code_map is None else logits.index_select(1, code_map)
+
+    def codebook(self, code_map: torch.Tensor | None = None) -> torch.Tensor:
+        first, second = self.factors
+        rows = torch.cat([self.embed_first.weight[:, None].expand(-1, second, -1),
+                          self.embed_second.weight[None].expand(first, -1, -1)], -1).flatten(0, 1)  # [F * S, D]
+        return rows if code_map is None else rows.index_select(0, code_map)
+
+    def embed_ids(self, ids: torch.Tensor, code_map: torch.Tensor | None = None) -> torch.Tensor:
+        return F.embedding(ids, self.codebook(code_map)).permute(0, 3, 1, 2)  # [B, D, h, w]
 
 
 class TemperatureDecay(str, enum.Enum):

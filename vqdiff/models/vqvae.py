@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .gumbel import GumbelQuantizer
+from .gumbel import FactoredGumbelQuantizer, GumbelQuantizer
 from .layers import attention
 
 # The published Gumbel f8 architecture (taming configs, VQ-Diffusion COCO/CUB/CC): 256 px -> 32x32 tokens.
@@ -20,7 +20,7 @@ GUMBEL_F8_CONFIG = dict(
     resolution=256, in_channels=3, out_channels=3, ch=128, ch_mult=[1, 1, 2, 4], num_res_blocks=2,
     attn_resolutions=[32], z_channels=256, dropout=0.0, norm_groups=32, embedding_dim=256,
     num_embeddings=8192, straight_through=True, kl_weight=1e-8, temperature=1.0, num_kept_codes=None,
-    encoder="taming", decoder="taming",
+    encoder="taming", decoder="taming", factors=None,
 )
 ENCODER_TYPES = ("taming", "patch")
 DECODER_TYPES = ("taming", "patch")
@@ -306,7 +306,7 @@ class GumbelVQVAE(ImageCodec):
                  z_channels: int = 256, dropout: float = 0.0, norm_groups: int = 32, embedding_dim: int = 256,
                  num_embeddings: int = 8192, straight_through: bool = True, kl_weight: float = 1e-8,
                  temperature: float = 1.0, num_kept_codes: int | None = None, encoder: str = "taming",
-                 decoder: str = "taming"):
+                 decoder: str = "taming", factors: Sequence[int] | None = None):
         super().__init__()
         if encoder not in ENCODER_TYPES:
             raise ValueError(f"encoder must be one of {list(ENCODER_TYPES)}, got {encoder!r}")
@@ -318,7 +318,11 @@ class GumbelVQVAE(ImageCodec):
             dropout=dropout, norm_groups=norm_groups, embedding_dim=embedding_dim, num_embeddings=num_embeddings,
             straight_through=straight_through, kl_weight=kl_weight, temperature=temperature,
             num_kept_codes=num_kept_codes, encoder=encoder, decoder=decoder,
+            factors=None if factors is None else list(factors),
         )
+        if factors is not None and (len(factors) != 2 or factors[0] * factors[1] != num_embeddings):
+            raise ValueError(f"factors must be two numbers whose product is num_embeddings={num_embeddings}, "
+                             f"got {factors}")
         for width in [ch * m for m in ch_mult]:
             if width % norm_groups:
                 raise ValueError(f"channel width {width} (ch * ch_mult) is not divisible by norm_groups={norm_groups}")
@@ -335,8 +339,12 @@ class GumbelVQVAE(ImageCodec):
         else:
             self.decoder = Decoder(out_channels=out_channels, **levels)
         self.quant_conv = nn.Conv2d(z_channels, z_channels, 1)
-        self.quantize = GumbelQuantizer(z_channels, embedding_dim, num_embeddings, straight_through, kl_weight,
-                                        temperature)
+        if factors is None:
+            self.quantize = GumbelQuantizer(z_channels, embedding_dim, num_embeddings, straight_through, kl_weight,
+                                            temperature)
+        else:
+            self.quantize = FactoredGumbelQuantizer(z_channels, embedding_dim, tuple(factors), straight_through,
+                                                    kl_weight, temperature)
         self.post_quant_conv = nn.Conv2d(embedding_dim, z_channels, 1)
         if num_kept_codes is not None:
             if not 1 <= num_kept_codes <= num_embeddings:
