@@ -4,6 +4,8 @@
     python scripts/bench_sample.py                                   # CPU: tiny and small, batch 4
     python scripts/bench_sample.py --configs B --dtype bfloat16 --runs 25 100            # GPU, B, batch 16
     python scripts/bench_sample.py --configs shapes S256 --batch 1 8 32 --runs 25 50 100
+    python scripts/bench_sample.py --configs small --threads 2 --against diffusers   # beside diffusers, same run
+    python scripts/bench_sample.py --checkpoint runs/shapes --against diffusers      # a trained model's weights
 
 Per config and batch: ms per sampling step (network + diffusion math), the network alone, the math alone
 (the same sampling run on logits computed once beforehand) and its share of the step, a step with truncation
@@ -11,6 +13,12 @@ r = 0.86, a guided step (scale 3, r = 0.86, one 2B call), and images/s of whole 
 truncation, no guidance, as PERFORMANCE.md's anchors) at each of `--runs` step counts, with the peak memory
 (CUDA max allocated; the process's peak RSS on a CPU). `--dtype bfloat16` runs under autocast with float32
 weights (as PERFORMANCE.md's anchors), `--dtype bf16-weights` casts the network.
+
+`--against diffusers` instead times diffusers' Transformer2DModel + VQDiffusionScheduler (+ its pipeline's
+truncate) on the same weights, text and timesteps in the same process, interleaved, and prints both sides' ms per
+step (network, step, truncated, guided) and their ratios (see vqdiff.eval.side_by_side). `--checkpoint RUN` takes
+the network, schedule and prompts (its preview prompts through its text encoder) of any run, checkpoint or
+pipeline folder instead of a random config.
 """
 
 import argparse
@@ -20,6 +28,8 @@ import time
 import torch
 
 from vqdiff.diffusion.discrete import MaskAndReplaceDiffusion
+from vqdiff.diffusion.discrete_sampling import sampling_timesteps
+from vqdiff.eval.side_by_side import MARKDOWN_HEADER, DiffusersLoop, markdown_rows, side_by_side
 from vqdiff.models.transformer import TRANSFORMER_PRESETS, DiffusionTransformer
 
 CONFIGS = {  # layers, width, heads, grid side, K (without [MASK]), default batch
@@ -93,6 +103,54 @@ def bench(name: str, batch: int, steps: int, runs: list[int], device, dtype: str
             + f" | {peak_memory_gib(device):.2f} |")
 
 
+def random_setup(name: str, batch: int, device):
+    """(network, diffusion, text [B, 77, 512], null text) of a config with random weights."""
+    layers, width, heads, side, K, _ = CONFIGS[name]
+    torch.manual_seed(0)
+    model = DiffusionTransformer(K, width, layers, heads, grid_size=(side, side), text_dim=512,
+                                 null_text_embedding=True, mask_text_padding=False).to(device).eval()
+    return model, MaskAndReplaceDiffusion(K, 100), torch.randn(batch, 77, 512, device=device), model.null_text(batch)[0]
+
+
+def checkpoint_setup(path: str, batch: int, device):
+    """(network, diffusion, text, null text) of a trained model: its preview prompts through its text encoder."""
+    from vqdiff.pipeline import TextToImagePipeline, preview_prompts
+    pipe = TextToImagePipeline.from_pretrained(path, device)
+    prompts = (preview_prompts(pipe.cfg) * batch)[:batch]
+    with torch.no_grad():
+        text = pipe.model.encode_text(prompts)[0]
+        null = pipe.model.encode_text([""] * batch)[0] if pipe.model.network.empty_text_embed is None else \
+            pipe.model.network.null_text(batch)[0]
+    return pipe.model.network.eval(), pipe.diffusion, text.float(), null.float().contiguous()
+
+
+def against_diffusers(label: str, setup, steps: int, repeats: int, device) -> list[str]:
+    """Side-by-side rows: the same network as a Transformer2DModel, the same text, timesteps and step counts."""
+    from vqdiff.interop.diffusers import transformer_to_diffusers
+    network, diffusion, text, null_text = setup
+    theirs = DiffusersLoop(transformer_to_diffusers(network, ignore_padding_mask=True).to(device), network.num_classes,
+                           diffusion.num_timesteps, text, null_text)
+    times = sampling_timesteps(diffusion.num_timesteps, steps)
+    batch, num_tokens = text.shape[0], theirs.transformer.num_latent_pixels
+    x = torch.randint(0, network.num_classes + 1, (batch, num_tokens), device=device)
+    t = torch.full((batch,), times[len(times) // 2], device=device)
+    with torch.no_grad():
+        cond, null = network.cache_text(text), network.cache_text(null_text)
+        difference = (network(x, t, text=text).log_softmax(1) - theirs.network(x, int(t[0]))).abs().max()
+
+    def ours(**options):
+        diffusion.sample(network, batch, num_tokens, cond=cond, null_cond=null, steps=steps, progress=False,
+                         device=device, **options)
+
+    with torch.no_grad():
+        figures = side_by_side({"vqdiff": (ours, lambda: network(x, t, **cond)),
+                                "diffusers": (lambda **options: theirs.run(times, **options),
+                                              lambda: theirs.network(x, int(t[0])))}, steps, repeats, device)
+    note = (f"# {label}, batch {batch}: same weights (max |log p difference| {difference:.1e}), {steps} steps at "
+            f"t = {times}, medians of {repeats} interleaved rounds")
+    return note, markdown_rows(label, figures, "vqdiff", "diffusers")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["tiny", "small"], choices=list(CONFIGS))
@@ -104,11 +162,18 @@ def main() -> None:
     parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                         help="torch.compile the network's forward (MODE: default, reduce-overhead = CUDA graphs)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--against", choices=("diffusers",), default=None,
+                        help="time diffusers' sampler beside ours instead (float32, same weights and inputs)")
+    parser.add_argument("--checkpoint", default=None, help="with --against: a run, checkpoint or pipeline folder")
+    parser.add_argument("--repeats", type=int, default=3, help="with --against: interleaved rounds (medians)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if args.against:
+        compare(args, device, where)
+        return
     print(f"# {where}, {args.dtype}{f', compiled ({args.compile})' if args.compile else ''}, torch {torch.__version__}")
     print("| config | batch | step ms | network ms | math ms | truncation r=0.86 ms/step | guided ms/step | "
           + " | ".join(f"{n}-step img/s" for n in args.runs) + " | peak GiB |")
@@ -116,6 +181,28 @@ def main() -> None:
     for name in args.configs:
         for batch in args.batch or [CONFIGS[name][-1]]:
             print(bench(name, batch, args.steps, args.runs, device, args.dtype, args.compile), flush=True)
+
+
+def compare(args, device, where: str) -> None:
+    try:
+        import diffusers
+    except ImportError:
+        print("diffusers is not installed (pip install -e '.[dev]'): skipping the side-by-side comparison")
+        return
+    print(f"# {where}, float32, torch {torch.__version__}, diffusers {diffusers.__version__}")
+    if args.checkpoint:
+        runs = [(f"checkpoint {args.checkpoint}", lambda b: checkpoint_setup(args.checkpoint, b, device), b)
+                for b in args.batch or [4]]
+    else:
+        runs = [(name, lambda b, name=name: random_setup(name, b, device), b)
+                for name in args.configs for b in args.batch or [CONFIGS[name][-1]]]
+    notes, rows = [], []
+    for label, setup, batch in runs:
+        note, table = against_diffusers(label, setup(batch), args.steps, args.repeats, device)
+        print(note, flush=True)
+        notes.append(note)
+        rows += table
+    print("\n".join(MARKDOWN_HEADER + rows))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,16 @@
 """The sampling benchmark runs and prints its table (speed targets live in the script, not in tests)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
+
+from vqdiff import build
+from vqdiff.config import load_config
+from vqdiff.pipeline import TextToImagePipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,3 +25,58 @@ def test_bench_sample_prints_a_row_per_batch():
         step, network, rates = float(row[2]), float(row[3]), [float(v) for v in row[7:9]]
         math = float(row[4].split()[0])  # timed alone, with the network's logits computed beforehand
         assert step > 0 and network > 0 and 0 < math < step and all(r > 0 for r in rates)
+
+
+def side_by_side_rows(out: str) -> dict[str, list[str]]:
+    return {row[1].strip(): row for row in (line.split("|")[1:-1] for line in out.splitlines())
+            if len(row) == 8 and row[1].strip() in ("vqdiff", "diffusers", "vqdiff / diffusers")}
+
+
+def check_side_by_side(out: str) -> None:
+    rows = side_by_side_rows(out)
+    assert set(rows) == {"vqdiff", "diffusers", "vqdiff / diffusers"}, out
+    for side in ("vqdiff", "diffusers"):
+        network, step, truncated, guided = (float(v) for v in rows[side][2:6])
+        assert min(network, step, truncated, guided) > 0
+        assert float(rows[side][6]) == pytest.approx(truncated - step, abs=0.15)
+    ratios = [float(v.strip().rstrip("x")) for v in rows["vqdiff / diffusers"][2:6]]
+    assert ratios == pytest.approx([float(a) / float(b) for a, b in zip(rows["vqdiff"][2:6], rows["diffusers"][2:6])],
+                                   rel=0.05, abs=0.01)  # of the ms rounded to 0.1
+    difference = float(out.split("max |log p difference| ")[1].split(")")[0])
+    assert difference < 1e-4  # the same network on both sides
+
+
+def bench_against(*args, env=None) -> str:
+    return subprocess.run([sys.executable, str(ROOT / "scripts/bench_sample.py"), "--against", "diffusers", "--steps",
+                           "2", "--repeats", "1", "--device", "cpu", "--threads", "1", *args],
+                          capture_output=True, text=True, check=True, env=env).stdout
+
+
+def test_side_by_side_with_diffusers_on_a_random_config():
+    pytest.importorskip("diffusers")
+    check_side_by_side(bench_against("--configs", "shapes", "--batch", "2"))
+
+
+def test_side_by_side_with_a_pipeline_folder(tmp_path, tokenizer_dir):
+    """--checkpoint takes the network, schedule and prompts of any folder the pipeline loads (here random)."""
+    pytest.importorskip("diffusers")
+    cfg = load_config(None, ["model=vq", "network=transformer", "data.size=32", f"tokenizer.path={tokenizer_dir}",
+                             "text.arch=clip-text-small", "transformer.num_layers=2", "transformer.width=64",
+                             "transformer.num_heads=4", "transformer.mask_text_padding=false",
+                             "transformer.null_text_embedding=true", "discrete.num_timesteps=10"])
+    tokenizer = build.load_configured_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = build.build_vq_model(cfg, tokenizer.num_embeddings, build.token_grid(cfg, tokenizer))
+    pipe = TextToImagePipeline(cfg, tokenizer, model, build.build_discrete_diffusion(cfg, tokenizer.num_embeddings))
+    folder = pipe.save_pretrained(tmp_path / "pipe")
+    out = bench_against("--checkpoint", str(folder), "--batch", "2")
+    check_side_by_side(out)
+    assert f"checkpoint {folder}, batch 2" in out
+
+
+def test_side_by_side_without_diffusers_says_so(tmp_path):
+    (tmp_path / "diffusers.py").write_text("raise ImportError('diffusers hidden by the test')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = bench_against("--configs", "shapes", env=env)
+    assert out.strip().splitlines() == ["diffusers is not installed (pip install -e '.[dev]'): skipping the "
+                                        "side-by-side comparison"]

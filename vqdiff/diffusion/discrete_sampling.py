@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .guidance import guided_call
 from .losses import shifted_exp, stable_softmax
+from .truncation import truncate
 
 
 class SamplingStrategy(str, enum.Enum):
@@ -27,32 +28,6 @@ def sampling_timesteps(num_timesteps: int, steps: int | None = None) -> list[int
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must lie in [1, {num_timesteps}], got {steps}")
     return [i * num_timesteps // steps - 1 for i in range(steps, 0, -1)]
-
-
-def truncate(probs: torch.Tensor, rate: float) -> torch.Tensor:
-    """Keep, per row of `[R, K]` probabilities, the smallest set of classes holding `rate` of the mass
-    (classes tied with the smallest kept one stay too) and renormalise, in place."""
-    if rate >= 1.0 or probs.shape[0] == 0:
-        return probs
-    probs.masked_fill_(probs < _truncation_threshold(probs, rate), 0.0)
-    return probs.div_(probs.sum(dim=1, keepdim=True))
-
-
-def _truncation_threshold(probs: torch.Tensor, rate: float, first_k: int = 32) -> torch.Tensor:
-    """The smallest kept probability `[R, 1]`. A top-k usually reaches `rate`; only the other rows are sorted."""
-    top = probs.topk(min(first_k, probs.shape[1]), dim=1).values  # sorted descending
-    threshold, found = _crossing(top, rate)
-    if not bool(found.all()):
-        rest = ~found
-        threshold[rest] = _crossing(probs[rest].sort(dim=1, descending=True).values, rate)[0]
-    return threshold
-
-
-def _crossing(sorted_probs: torch.Tensor, rate: float):
-    """Value of the first sorted class at which the cumulative mass reaches rate, and whether it was reached."""
-    before = (sorted_probs.cumsum(dim=1) < rate).sum(dim=1, keepdim=True)  # classes before the crossing
-    found = before.squeeze(1) < sorted_probs.shape[1]
-    return sorted_probs.gather(1, before.clamp(max=sorted_probs.shape[1] - 1)), found
 
 
 def sample_rows(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

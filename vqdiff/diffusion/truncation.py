@@ -1,0 +1,96 @@
+"""Top-p truncation (Gu et al. 2022, sec. 4.3): per row of probabilities, the smallest set of classes holding
+`rate` of the mass.
+
+The rule, shared by the sorted reference and the fast selection: sort a row in descending order and sum it in
+float64; the threshold is the value of the first class at which the sum reaches `rate` (every class if it never
+does); every class at or above the threshold is kept, so classes tied with the smallest kept one stay too. The
+masses of float32 probabilities of at least 2^-29 are multiples of 2^-52, so while a row's sums stay below 2 they
+are exact in float64 in any order: the fast selection, which adds the same classes in another order, finds the
+same threshold.
+
+The fast selection costs a few passes over each row instead of a sort (7-20x faster on a CPU at K = 2887): a
+histogram of each row's mass over value buckets (the float's exponent and top mantissa bits), summed from the
+top, gives the bucket where the sum reaches `rate`; only that bucket's few classes are then sorted.
+"""
+
+import torch
+
+BUCKET_BITS = 6  # mantissa bits in a bucket's key: 64 buckets per power of two, a few dozen classes in one
+CHUNK_ELEMENTS = 1 << 20  # rows per block on CPU: 8 MiB of int64 / float64 temporaries
+EXACT_FLOOR = 2.0**-29  # float32 values from here up are multiples of 2^-52: their float64 sums are exact
+
+
+def truncate(probs: torch.Tensor, rate: float) -> torch.Tensor:
+    """Keep, per row of `[R, K]` probabilities, the smallest set of classes holding `rate` of the mass
+    (classes tied with the smallest kept one stay too) and renormalise, in place."""
+    if rate >= 1.0 or probs.shape[0] == 0:
+        return probs
+    # 1 where probs >= threshold, else 0: the sign of a float difference is exact. Float arithmetic, not a
+    # boolean mask: on CPU, comparisons and masked_fill_ cost 5-30x an arithmetic pass
+    keep = (probs - truncation_threshold(probs, rate)).sign_().add_(1.0).clamp_(max=1.0)
+    probs.mul_(keep)
+    return probs.mul_(probs.sum(dim=1, keepdim=True).reciprocal_())
+
+
+def sorted_threshold(probs: torch.Tensor, rate: float) -> torch.Tensor:
+    """The smallest kept probability `[R, 1]` by the rule itself: a full sort of every row (the reference)."""
+    values = probs.sort(dim=1, descending=True).values
+    before = (values.double().cumsum(dim=1) < rate).sum(dim=1, keepdim=True)  # classes before the crossing
+    return values.gather(1, before.clamp_(max=values.shape[1] - 1))
+
+
+def truncation_threshold(probs: torch.Tensor, rate: float) -> torch.Tensor:
+    """`sorted_threshold` without the sort: a histogram of mass over value buckets finds each row's crossing
+    bucket; only the classes in it are sorted. float64 rows and rows crossing below the buckets' range (rates
+    within ~K 2^-29 of 1) go to the reference."""
+    if probs.dtype == torch.float64 or probs.shape[0] == 0:
+        return sorted_threshold(probs, rate)
+    values = probs.float().contiguous()  # exact for bfloat16 and float16
+    # on CPU, blocks of rows whose 8-byte temporaries stay in cache and below glibc's mmap threshold
+    rows = max(1, CHUNK_ELEMENTS // values.shape[1]) if values.device.type == "cpu" else values.shape[0]
+    return torch.cat([_threshold(block, rate) for block in values.split(rows)])
+
+
+def _threshold(values: torch.Tensor, rate: float) -> torch.Tensor:
+    num_rows, num_classes = values.shape
+    # a row's classes below (1 - rate) / K hold less than 1 - rate together: its threshold lies above that
+    bucket, num_buckets = _buckets(values, max((1.0 - rate) / num_classes / 2, EXACT_FLOOR))
+    mass = torch.zeros(num_rows, num_buckets, dtype=torch.float64, device=values.device)
+    from_top = mass.scatter_add_(1, bucket.long(), values.double()).cumsum_(1)  # mass of buckets 0..j
+    crossing = (from_top < rate).sum(dim=1)  # [R]: the bucket holding the threshold
+    above = torch.where(crossing > 0, from_top.gather(1, (crossing - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0.0)
+    in_range = crossing < num_buckets - 1  # else the row crosses below the range or never reaches rate
+    # 0 at the candidates (the classes in their row's crossing bucket), 1 elsewhere; integer arithmetic, see truncate
+    elsewhere = bucket.sub_(torch.where(in_range, crossing, -1).to(torch.int32).unsqueeze(1)).abs_().clamp_(max=1)
+    threshold = _within_bucket(values, elsewhere, above, rate)
+    if not bool(in_range.all()):
+        threshold[~in_range] = sorted_threshold(values[~in_range], rate)
+    return threshold
+
+
+def _buckets(values: torch.Tensor, floor: float):
+    """Bucket `[R, K]` (int32) of each value and the bucket count, from the top: one per 1 / 2^BUCKET_BITS of
+    a power of two from 1 (values above 1 join it) down to `floor`, then one for everything below. Non-negative
+    floats order as their bit patterns, so buckets order as values."""
+    shift = 23 - BUCKET_BITS
+    top, lowest = (int(torch.tensor(v, dtype=torch.float32).view(torch.int32)) >> shift for v in (1.0, floor))
+    num_buckets = top - lowest + 2
+    bucket = (values.view(torch.int32) >> shift).neg_().add_(top).clamp_(0, num_buckets - 1)
+    return bucket, num_buckets
+
+
+def _within_bucket(values: torch.Tensor, elsewhere: torch.Tensor, above: torch.Tensor, rate: float) -> torch.Tensor:
+    """The threshold `[R, 1]` among each row's candidate classes (0 in `elsewhere`, those of its crossing bucket),
+    given the float64 mass `above` `[R]` of the buckets above it: the candidates sorted by row, then descending."""
+    flat = elsewhere.view(-1).neg_().add_(1).nonzero().squeeze(1)
+    row, picked = flat // values.shape[1], values.view(-1).index_select(0, flat)
+    # rows ascending, then values descending: the bit patterns of non-negative floats order as the values
+    order = ((row << 31) | (0x7FFFFFFF - picked.view(torch.int32).long())).argsort()
+    row, picked = row.index_select(0, order), picked.index_select(0, order)
+    counts = torch.bincount(row, minlength=values.shape[0])
+    width = max(int(counts.max()), 1)
+    position = torch.arange(row.shape[0], device=row.device) - (counts.cumsum(0) - counts).index_select(0, row)
+    padded = torch.zeros(values.shape[0], width, dtype=torch.float64, device=values.device)
+    padded[row, position] = picked.double()
+    before = (padded.cumsum(1).add_(above.unsqueeze(1)) < rate).sum(dim=1, keepdim=True)
+    return padded.gather(1, before.clamp_(max=width - 1)).float()
