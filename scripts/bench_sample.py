@@ -20,6 +20,7 @@ import time
 import torch
 
 from vqdiff.diffusion.discrete import MaskAndReplaceDiffusion
+from vqdiff.errors import script_main
 from vqdiff.models.transformer import TRANSFORMER_PRESETS, DiffusionTransformer
 
 CONFIGS = {  # layers, width, heads, grid side, K (without [MASK]), default batch
@@ -93,7 +94,7 @@ def bench(name: str, batch: int, steps: int, runs: list[int], device, dtype: str
             + f" | {peak_memory_gib(device):.2f} |")
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["tiny", "small"], choices=list(CONFIGS))
     parser.add_argument("--batch", nargs="+", type=int, default=None, help="batch sizes (default: the config's)")
@@ -104,7 +105,7 @@ def main() -> None:
     parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                         help="torch.compile the network's forward (MODE: default, reduce-overhead = CUDA graphs)")
     parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -119,4 +120,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main, "bench_sample.py")
