@@ -93,6 +93,9 @@ def check_config(cfg) -> None:
     in_range("gaussian.beta_start", g.beta_start, 0.0, 1.0, open_low=True)
     in_range("gaussian.beta_end", g.beta_end, 0.0, 1.0, open_low=True)
     positive("gaussian.latent_scale", g.latent_scale)
+    if g.beta_schedule == "linear" and g.beta_end * 1000 / g.num_timesteps >= 1:
+        raise ConfigError(f"gaussian.num_timesteps: {g.num_timesteps} is too few for the linear schedule's beta_end "
+                          f"{g.beta_end:g} (scaled by 1000/T it reaches 1); allowed: > {g.beta_end * 1000:g}")
 
 
 def _check_data(d) -> None:
