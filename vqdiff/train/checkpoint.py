@@ -17,13 +17,12 @@ error names the file.
 import contextlib
 import logging
 import os
+import pickle
 import re
 import shutil
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-
-import pickle
-import zipfile
 
 import torch
 from safetensors import SafetensorError

@@ -24,10 +24,9 @@ from ..config import ConfigError, ExperimentConfig, LRSchedule, MixedPrecision, 
 from .checkpoint import (CheckpointError, architecture_differences, latest_intact_checkpoint, load_into, load_torch,
                          load_weights, read_config, read_state, resolve_checkpoint, save_checkpoint)
 from .ema import EMA
-from .guard import DivergenceGuard, TrainingDiverged
+from .guard import DivergenceGuard, TrainingDiverged  # noqa: F401 -- TrainingDiverged: callers catch it from here
 from .run_dir import prepare_run_dir
 
-__all__ = ["TrainTask", "TrainingDiverged", "train"]
 log = logging.getLogger(__name__)
 
 
