@@ -108,3 +108,12 @@ def test_a_save_that_fails_leaves_no_partial_folder(tiny, monkeypatch):
         save_checkpoint(run, 8, tiny.config(8), {}, {}, {}, {})
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000004"]
     assert tiny.digests(run / "checkpoints") == before
+
+
+def test_an_interrupted_pipeline_save_leaves_nothing_behind(tmp_path):
+    target = tmp_path / "pipeline"
+    with pytest.raises(KeyboardInterrupt):
+        with checkpoint_module.atomic_directory(target) as tmp:
+            (tmp / "config.yaml").write_text("half")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []

@@ -59,3 +59,10 @@ def test_cli_names_both_flags_in_one_line(tmp_path, caplog):
     assert len(errors) == 1 and "\n" not in errors[0]
     assert "--resume auto" in errors[0] and "--overwrite" in errors[0]
     assert cli.main(args + ["--overwrite"]) == 0
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(tiny, caplog):
+    tiny.run(8)
+    with caplog.at_level(logging.WARNING):
+        tiny.run(8, resume="auto")
+    assert "at step 8, train.max_steps is 8: nothing left to train" in caplog.text

@@ -134,8 +134,12 @@ def atomic_directory(path: "str | Path") -> Iterator[Path]:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    yield tmp
-    _fsync_dir(tmp)
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+    except BaseException:  # as save_checkpoint: no partial directory is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)

@@ -179,6 +179,9 @@ def train(cfg: ExperimentConfig, task: TrainTask, dataset, resume: "str | None" 
         start_step = state["step"]
         trained_s = state.get("trained_s", 0.0)
         log.info("resumed from %s at step %d", checkpoint, start_step)
+        if start_step >= tc.max_steps:
+            log.warning("the checkpoint is at step %d, train.max_steps is %d: nothing left to train", start_step,
+                        tc.max_steps)
     elif init_from is not None:
         source = resolve_checkpoint(init_from)
         _check_same_architecture(source, cfg, task)

@@ -208,6 +208,9 @@ def _resume(run_dir: Path, resume, cfg, model, optimizer, disc, disc_optimizer,
         disc_optimizer.load_state_dict(optimizers["discriminator"])
     torch.set_rng_state(state["rng_cpu"][accelerator.process_index % len(state["rng_cpu"])])
     log.info("resumed from %s at step %d", checkpoint, state["step"])
+    if state["step"] >= cfg.train.max_steps:
+        log.warning("the checkpoint is at step %d, train.max_steps is %d: nothing left to train", state["step"],
+                    cfg.train.max_steps)
     return state["step"], checkpoint
 
 
