@@ -66,3 +66,22 @@ def test_nan_weights_are_refused_when_loaded_and_nan_samples_are_not_written(tmp
     out = tmp_path / "s.png"
     assert cli.main(["sample-ddpm", "--checkpoint", str(run), "--n", "4", "--out", str(out)]) == 2
     assert "holds NaN weights" in caplog.text and "ema.safetensors" in caplog.text and not out.exists()
+
+
+def test_the_gradient_test_is_relative_to_the_recent_median_and_spares_fp16_overflows():
+    from vqdiff.config import TrainConfig
+    from vqdiff.train.guard import MIN_HISTORY, DivergenceGuard
+
+    def guard_after(norms, skip_infinite_grads=False):
+        guard = DivergenceGuard(TrainConfig(guard_grad_factor=1000.0), None, skip_infinite_grads)
+        for step, norm in enumerate(norms):
+            guard.observe_grad_norm(torch.tensor(norm), step)
+        guard.check_pending()
+
+    guard_after([1.0] * MIN_HISTORY + [900.0])  # under 1000 x the median: a spike, not a divergence
+    guard_after([1.0] * (MIN_HISTORY - 1) + [5000.0])  # too little history to judge
+    with pytest.raises(TrainingDiverged, match="exploded at step 10: 2000"):
+        guard_after([1.0] * MIN_HISTORY + [2000.0])
+    guard_after([1.0, float("inf"), float("nan"), 1.0], skip_infinite_grads=True)  # the fp16 scaler skips those
+    with pytest.raises(TrainingDiverged, match="gradient norm is inf at step 1"):
+        guard_after([1.0, float("inf")])
