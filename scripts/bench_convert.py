@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from vqdiff.errors import script_main
+
 DEFAULT_KEYS = Path(__file__).resolve().parents[2] / "shared" / "interop" / "official_coco_keys.tsv"
 DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}  # all the listing holds
 
@@ -57,12 +59,12 @@ def tensor_bytes(directory: Path) -> int:
     return total
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keys", type=Path, default=DEFAULT_KEYS, help="key list of the released file (.tsv)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_convert"))
     parser.add_argument("--keep", action="store_true", help="keep the fake checkpoint and the converted directory")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.keys.is_file():
         sys.exit(f"no key list at {args.keys} (the shared interop notes); pass --keys")
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -89,4 +91,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main, "bench_convert.py")

@@ -15,6 +15,7 @@ import torch
 
 from vqdiff.diffusion.gaussian import GaussianDiffusion
 from vqdiff.diffusion.schedules import beta_schedule
+from vqdiff.errors import script_main
 from vqdiff.models.unet import UNet, unet_preset
 
 
@@ -36,13 +37,13 @@ def peak_memory_mib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="autocast dtype")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     model = UNet(**unet_preset("ddpm_cifar10")).to(device)
     diffusion = GaussianDiffusion(beta_schedule("linear", 1000))
@@ -75,4 +76,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main, "bench_ddpm.py")

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from vqdiff.diffusion.discrete import MaskAndReplaceDiffusion
+from vqdiff.errors import script_main
 
 SAMPLING = {  # name: sample() options
     "ancestral": dict(),
@@ -100,7 +101,7 @@ def run_case(args, name):
     return (clock(device) - start) / args.repeats, peak_above(mark, device)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-classes", type=int, default=4096)
     parser.add_argument("--tokens", type=int, default=1024)
@@ -111,7 +112,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.case:
@@ -129,4 +130,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main, "bench_discrete.py")

@@ -29,6 +29,7 @@ import torch
 
 from vqdiff.diffusion.discrete import MaskAndReplaceDiffusion
 from vqdiff.diffusion.discrete_sampling import sampling_timesteps
+from vqdiff.errors import script_main
 from vqdiff.eval.side_by_side import MARKDOWN_HEADER, DiffusersLoop, markdown_rows, side_by_side
 from vqdiff.models.transformer import TRANSFORMER_PRESETS, DiffusionTransformer
 
@@ -151,7 +152,7 @@ def against_diffusers(label: str, setup, steps: int, repeats: int, device) -> li
     return note, markdown_rows(label, figures, "vqdiff", "diffusers")
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["tiny", "small"], choices=list(CONFIGS))
     parser.add_argument("--batch", nargs="+", type=int, default=None, help="batch sizes (default: the config's)")
@@ -166,7 +167,7 @@ def main() -> None:
                         help="time diffusers' sampler beside ours instead (float32, same weights and inputs)")
     parser.add_argument("--checkpoint", default=None, help="with --against: a run, checkpoint or pipeline folder")
     parser.add_argument("--repeats", type=int, default=3, help="with --against: interleaved rounds (medians)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -206,4 +207,4 @@ def compare(args, device, where: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main, "bench_sample.py")

@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from vqdiff.errors import script_main
 from vqdiff.models.vqvae import GUMBEL_F8_CONFIG, GumbelVQVAE
 
 SHAPES_64 = dict(resolution=64, ch=64, ch_mult=[1, 2, 2], num_res_blocks=2, attn_resolutions=[16], z_channels=64,
@@ -48,12 +49,12 @@ def bench(config: dict, batch: int, device: torch.device, bf16: bool, warmup: in
     return encode, decode
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=None, help="timed iterations (default: 2 on CPU, 20 on GPU)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     iters = args.iters or (20 if on_gpu else 2)
@@ -70,4 +71,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main, "bench_tokenizer.py")

@@ -19,6 +19,7 @@ import torch
 from vqdiff.build import build_discrete_diffusion, build_vq_model, token_grid
 from vqdiff.config import load_config
 from vqdiff.data.shapes import ShapesDataset
+from vqdiff.errors import script_main
 from vqdiff.train.tokenizer_io import load_tokenizer
 
 
@@ -33,14 +34,14 @@ def model_size(cfg, num_classes):
     return num_classes, token_grid(cfg)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/shapes.yaml")
     parser.add_argument("--num-classes", type=int, default=512, help="K when the config's tokenizer is absent")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per turn (after 3 warm-up steps)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     num_classes, grid = model_size(cfg, args.num_classes)
     torch.manual_seed(0)
@@ -88,4 +89,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main, "bench_train.py")

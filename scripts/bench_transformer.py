@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from vqdiff.diffusion.discrete import MaskAndReplaceDiffusion
+from vqdiff.errors import script_main
 from vqdiff.models.transformer import TRANSFORMER_PRESETS, DiffusionTransformer
 
 
@@ -94,7 +95,7 @@ def bench(args, preset, batch, device):
           f"K/V cache saves {saving:6.2f} s over {steps} steps ({saving / (steps * forward) * 100:4.1f}%)")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["S", "B"], choices=sorted(TRANSFORMER_PRESETS))
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
@@ -106,7 +107,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sampling-steps", type=int, default=100)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# {name}, torch {torch.__version__}; peak memory: "
@@ -117,4 +118,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main, "bench_transformer.py")

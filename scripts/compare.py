@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 
 from vqdiff.data.shapes import eval_prompts
+from vqdiff.errors import script_main
 from vqdiff.eval.compare import STEP_COUNTS, compare, markdown_table, sample_images, side_by_side
 from vqdiff.pipeline import load_pipeline
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", required=True, help="run, checkpoint or pipeline directories")
     parser.add_argument("--n", type=int, default=500, help="prompts per split (val and held-out)")
@@ -36,7 +37,7 @@ def main() -> None:
     parser.add_argument("--grid", default="compare.png", help="side-by-side PNG")
     parser.add_argument("--grid-prompts", type=int, default=8)
     parser.add_argument("--json", default=None, help="also write the rows here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     names = [Path(m).resolve().name for m in args.models]
@@ -62,4 +63,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main, "compare.py")

@@ -12,6 +12,7 @@ import logging
 
 from vqdiff import build
 from vqdiff.config import load_config
+from vqdiff.errors import script_main
 from vqdiff.train.tokenizer_io import encode_token_cache
 
 log = logging.getLogger("encode_tokens")
@@ -38,4 +39,4 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    main()
+    script_main(main, "encode_tokens.py")

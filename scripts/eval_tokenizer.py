@@ -19,9 +19,10 @@ import torch
 from tqdm import tqdm
 
 from vqdiff.data.shapes import ShapesDataset
+from vqdiff.errors import script_main
 from vqdiff.eval.shapes import evaluate
-from vqdiff.train.tokenizer_io import load_tokenizer
 from vqdiff.images import make_grid
+from vqdiff.train.tokenizer_io import load_tokenizer
 from vqdiff.train.vqvae_loop import image_loader, reconstruct
 from vqdiff.train.vqvae_losses import psnr
 
@@ -88,4 +89,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main, "eval_tokenizer.py")

@@ -14,6 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vqdiff.data.shapes import SPLITS, ShapesDataset, render
+from vqdiff.errors import script_main
 from vqdiff.eval.shapes import make_grid
 
 logger = logging.getLogger("make_shapes")
@@ -39,7 +40,7 @@ def write_grid(dataset: ShapesDataset, path: Path, count: int, columns: int) -> 
     logger.info("wrote a grid of %d samples to %s", len(items), path)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="folder for the PNG files and metadata.jsonl")
     parser.add_argument("--n", type=int, default=1000, help="number of images to write")
@@ -51,7 +52,7 @@ def main() -> None:
     parser.add_argument("--grid", type=Path, help="also write a captioned grid of samples to this PNG")
     parser.add_argument("--grid-n", type=int, default=24, help="samples in the grid")
     parser.add_argument("--grid-columns", type=int, default=6)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.out is None and args.grid is None:
         parser.error("give --out DIR and/or --grid PATH")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -66,4 +67,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main, "make_shapes.py")

@@ -11,11 +11,12 @@ highest (vqdiff/eval/probe.py). An attribute identified here but wrong in sample
 import argparse
 import json
 
+from vqdiff.errors import script_main
 from vqdiff.eval.probe import probe_attributes
 from vqdiff.pipeline import TextToImagePipeline
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="run directory, checkpoint or pipeline directory")
     parser.add_argument("--n", type=int, default=100, help="one-object images")
@@ -24,7 +25,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="also write the result here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     pipe = TextToImagePipeline.from_pretrained(args.checkpoint, device=args.device)
     result = probe_attributes(pipe, args.n, args.split, args.t, args.seed)
     where = "every token masked" if args.t is None else f"x_t at t = {args.t}"
@@ -36,4 +37,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main, "probe_shapes.py")

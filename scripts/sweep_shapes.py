@@ -15,6 +15,7 @@ import json
 import time
 
 from vqdiff.data.shapes import eval_prompts
+from vqdiff.errors import script_main
 from vqdiff.eval.compare import GROUPS, accuracies, sample_images
 from vqdiff.pipeline import TextToImagePipeline
 
@@ -38,7 +39,7 @@ def run_cell(pipe, prompts: list[str], options: dict, batch_size: int, seed: int
             "images_per_s": len(images) / seconds}
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="run directory, checkpoint or pipeline directory")
     parser.add_argument("--table", choices=("strategies", "guidance", "truncation"), required=True)
@@ -48,7 +49,7 @@ def main() -> None:
     parser.add_argument("--prompt-seed", type=int, default=1000, help="which prompts (1000: eval_shapes.py's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="also write the rows here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     pipe = TextToImagePipeline.from_pretrained(args.checkpoint, device=args.device)
     max_objects = pipe.cfg.data.max_objects
     prompts = [c for split in ("val", "heldout") for c, _ in eval_prompts(split, args.n, args.prompt_seed,
@@ -72,4 +73,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main, "sweep_shapes.py")

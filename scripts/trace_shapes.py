@@ -12,11 +12,12 @@ import argparse
 import json
 
 from vqdiff.data.shapes import eval_prompts
+from vqdiff.errors import script_main
 from vqdiff.eval.trace import trace_sampling
 from vqdiff.pipeline import TextToImagePipeline
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="run directory, checkpoint or pipeline directory")
     parser.add_argument("--n", type=int, default=100, help="prompts")
@@ -29,7 +30,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="also write the result here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     pipe = TextToImagePipeline.from_pretrained(args.checkpoint, device=args.device)
     # the prompts of eval_shapes.py (seed 1000), filtered by object count
     pool = eval_prompts(args.split, 4 * args.n if args.objects else args.n, seed=1000,
@@ -50,4 +51,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main, "trace_shapes.py")

@@ -1,11 +1,10 @@
 """Train a text-to-image VQ-Diffusion model:
 `accelerate launch scripts/train_vq.py --config configs/shapes.yaml [--resume auto] [key=value ...]`."""
 
-import sys
-
 from vqdiff.cli import _setup_logging, train_command
 from vqdiff.config import ModelType
+from vqdiff.errors import script_main
 
 if __name__ == "__main__":
     _setup_logging()
-    train_command(sys.argv[1:], expect=ModelType.VQ_DIFFUSION)
+    script_main(lambda argv: train_command(argv, expect=ModelType.VQ_DIFFUSION), "train_vq.py")

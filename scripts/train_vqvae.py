@@ -11,6 +11,7 @@ import torch
 
 from vqdiff import build
 from vqdiff.config import ConfigError, ModelType, load_config
+from vqdiff.errors import script_main
 from vqdiff.train.vqvae_loop import train_vqvae
 
 log = logging.getLogger("train_vqvae")
@@ -22,6 +23,8 @@ def main(argv=None) -> None:
     parser.add_argument("--resume", default=None, help="'auto' (latest checkpoint of this run) or a checkpoint dir")
     parser.add_argument("--val-images", type=int, default=1000,
                         help="val images for the recon grids and the trimmed tokenizer's PSNR (0: none)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="the run directory holds an earlier run: delete it and start over")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     args = parser.parse_intermixed_args(argv)
@@ -39,11 +42,11 @@ def main(argv=None) -> None:
         except (ConfigError, FileNotFoundError) as error:
             log.warning("no val split (%s): grids show training images, no val PSNR", error)
     run_dir = train_vqvae(cfg, model, loss, dataset, resume=args.resume, progress=not args.no_progress,
-                          val_dataset=val)
+                          val_dataset=val, overwrite=args.overwrite)
     log.info("run directory: %s (tokenizer/, checkpoints/, samples/, log.jsonl)", run_dir)
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    main()
+    script_main(main, "train_vqvae.py")

@@ -69,5 +69,5 @@ def test_cli_train_and_sample(tmp_path, caplog):
     assert cli.main(["sample-ddpm", "--checkpoint", str(run_dir), "--n", "50", "--steps", "5",
                      "--out", str(out), "--gif", str(tmp_path / "s.gif")]) == 0
     assert out.stat().st_size > 0 and (tmp_path / "s.gif").stat().st_size > 0
-    assert cli.main(["train", "--config", "configs/ddpm_scurve.yaml", "train.max_stpes=3"]) == 1
+    assert cli.main(["train", "--config", "configs/ddpm_scurve.yaml", "train.max_stpes=3"]) == 2
     assert "unknown key(s) 'max_stpes'" in caplog.text

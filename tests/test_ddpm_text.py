@@ -67,7 +67,7 @@ def test_trains_logs_evaluations_and_samples_through_the_shared_loader(runs, kin
                      "--guidance", "3", "--out", str(out), "--gif", str(tmp_path / "p.gif")]) == 0
     assert Image.open(out).size[0] > 0 and (tmp_path / "p.gif").stat().st_size > 0
     assert cli.main(["sample", PROMPTS[0], "--model", str(runs[kind]), "--truncation", "0.8",
-                     "--out", str(out)]) == 1  # a VQ-Diffusion option is refused, not ignored
+                     "--out", str(out)]) == 2  # a VQ-Diffusion option is refused, not ignored
 
 
 def test_guidance_scale_one_is_unguided_sampling(runs):

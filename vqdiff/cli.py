@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, ModelType, load_config
+from .errors import UserError, run_main
+from .validation import check_counts, check_sampling_options, parse_steps
 
 log = logging.getLogger("vqdiff")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -22,6 +24,8 @@ def train_command(argv: list[str], expect: ModelType | None = None) -> Path:
     parser.add_argument("--resume", default=None,
                         help="'auto' (latest checkpoint of this run, if any) or a checkpoint directory")
     parser.add_argument("--init-from", default=None, help="start from these weights with a fresh optimizer")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="the run directory holds an earlier run: delete it and start over")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     args = parser.parse_intermixed_args(argv)
@@ -34,7 +38,7 @@ def train_command(argv: list[str], expect: ModelType | None = None) -> Path:
     build.seed_everything(cfg.seed)
     task = build.build_task(cfg)
     run_dir = train(cfg, task, build.build_train_dataset(cfg), resume=args.resume, init_from=args.init_from,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, overwrite=args.overwrite)
     log.info("run directory: %s (checkpoints/, samples/, log.jsonl)", run_dir)
     return run_dir
 
@@ -51,17 +55,23 @@ def sample_ddpm_command(argv: list[str]) -> None:
     parser.add_argument("--out", default="samples.png", help="PNG grid (scatter plot for 2-D data)")
     parser.add_argument("--gif", default=None, help="also write a denoising-progress animation")
     args = parser.parse_intermixed_args(argv)
+    check_counts(n=args.n)
+    check_sampling_options(eta=args.eta)
+    steps = parse_steps(args.steps)
     from .images import save_gif
     from .pipeline import DDPMPipeline, ddpm_picture, save_picture
     pipe = DDPMPipeline.from_checkpoint(args.checkpoint, device=args.device)
-    steps = _steps(args.steps)
     if args.gif:
         frames = pipe.progress_frames(args.n, steps, args.sampler, args.eta, args.seed)
         save_gif(frames, args.gif)
         save_picture(frames[-1], args.out)
         log.info("wrote %s and %s", args.out, args.gif)
     else:
-        save_picture(ddpm_picture(pipe.cfg, pipe(args.n, steps, args.sampler, args.eta, args.seed)), args.out)
+        samples = pipe(args.n, steps, args.sampler, args.eta, args.seed)
+        if not bool(samples.isfinite().all()):
+            raise UserError(f"the samples of {args.checkpoint} hold NaN or infinite values: its weights are broken "
+                            "(a diverged run?); nothing was written")
+        save_picture(ddpm_picture(pipe.cfg, samples), args.out)
         log.info("wrote %s", args.out)
 
 
@@ -89,6 +99,9 @@ def sample_command(argv: list[str]) -> None:
     parser.add_argument("--init-image", default=None, help="inpainting: the image to start from")
     parser.add_argument("--mask", default=None, help="inpainting: white = regenerate, black = keep")
     args = parser.parse_intermixed_args(argv)
+    check_counts(n=args.n)
+    check_sampling_options(args.guidance, args.truncation, args.temperature)
+    steps = parse_steps(args.steps)
     import torch
     from PIL import Image
     from .images import make_grid, save_gif
@@ -109,7 +122,7 @@ def sample_command(argv: list[str]) -> None:
         raise ConfigError("--sampler chooses a Gaussian sampler; VQ-Diffusion takes --strategy")
     if args.compile:
         pipe.compile(args.compile)
-    options = dict(steps=_steps(args.steps), guidance_scale=args.guidance, truncation_rate=args.truncation,
+    options = dict(steps=steps, guidance_scale=args.guidance, truncation_rate=args.truncation,
                    temperature=args.temperature, strategy=args.strategy)
     if args.sampler:
         options["sampler"] = args.sampler
@@ -150,6 +163,9 @@ def eval_shapes_command(argv: list[str]) -> dict:
     parser.add_argument("--grid", default=None, help="PNG of the first 48 prompts and outputs, wrong objects outlined")
     parser.add_argument("--json", default=None, help="write the report as JSON")
     args = parser.parse_intermixed_args(argv)
+    check_counts(n=args.n, batch_size=args.batch_size, max_objects=args.max_objects)
+    check_sampling_options(args.guidance, args.truncation)
+    steps = parse_steps(args.steps)
     import json
     import time
     import torch
@@ -162,7 +178,7 @@ def eval_shapes_command(argv: list[str]) -> dict:
     max_objects = args.max_objects or pipe.cfg.data.max_objects
     prompts = [c for split in args.splits.split(",") for c, _ in eval_prompts(split.strip(), args.n, args.prompt_seed,
                                                                              max_objects=max_objects)]
-    options = dict(steps=_steps(args.steps), guidance_scale=args.guidance, truncation_rate=args.truncation,
+    options = dict(steps=steps, guidance_scale=args.guidance, truncation_rate=args.truncation,
                    strategy=args.strategy)
     generator = torch.Generator(args.device).manual_seed(args.seed)
     images, started = [], time.perf_counter()
@@ -180,12 +196,6 @@ def eval_shapes_command(argv: list[str]) -> dict:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result
-
-
-def _steps(value):
-    if value is None:
-        return None
-    return int(value) if value.isdigit() else value
 
 
 def info_command(argv: list[str]) -> None:
@@ -295,7 +305,8 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    command = next((arg for arg in argv if arg != "--debug"), None)
+    if command is None or command in ("-h", "--help") or command not in COMMANDS:
         print("usage: vqdiff {" + ",".join(COMMANDS) + "} ...\n"
               "  train        train a model from a YAML config (also: accelerate launch scripts/train_*.py)\n"
               "  sample       text-prompt sampling from a trained text-to-image model\n"
@@ -303,14 +314,10 @@ def main(argv: list[str] | None = None) -> int:
               "  info         parameter counts of a config's networks\n"
               "  eval-shapes  score a text-to-image model on shapes prompts (attribute accuracy, img/s)\n"
               "  convert      released checkpoints and diffusers folders <-> vqdiff pipeline folders")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        return 0 if command in ("-h", "--help") else 2
     _setup_logging()
-    try:
-        COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, FileNotFoundError) as e:
-        log.error("%s", e)
-        return 1
-    return 0
+    # run_main takes --debug out of the arguments; the command is then the first one left
+    return run_main(lambda args: COMMANDS[command](args[1:]), argv, prog=f"vqdiff {command}")
 
 
 if __name__ == "__main__":

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import yaml
 
+from .errors import ConfigError
+from .validation import check_config
+
 FORMAT_VERSION = 1
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
 
 
 class ModelType(str, enum.Enum):
@@ -204,6 +203,10 @@ class TrainConfig:
     num_sample_images: int = 16
     eval_every: int = 0              # shapes text-to-image: steps between attribute-metric evaluations (0: none)
     eval_prompts: int = 50           # val prompts per evaluation, sampled with the `sample:` options
+    # divergence guard (train/guard.py): stop when the gradient norm exceeds this many times the median of the
+    # recent ones, or the parameter norm this many times its value at the start of the run; 0 turns a test off
+    guard_grad_factor: float = 1000.0
+    guard_param_factor: float = 100.0
 
 
 @dataclass
@@ -259,7 +262,10 @@ def load_config(path: "str | Path | None" = None, overrides: "list[str] | None" 
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     for item in overrides or []:
         apply_override(data, item)
-    return from_dict(cls, data, where=str(path) if path else "config")
+    config = from_dict(cls, data, where=str(path) if path else "config")
+    if cls is ExperimentConfig:
+        check_config(config)
+    return config
 
 
 def apply_override(data: dict, item: str) -> None:

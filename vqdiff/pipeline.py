@@ -11,6 +11,7 @@ from . import build
 from .config import ConfigError, ExperimentConfig, ModelType
 from .images import make_grid, scatter, to_pil
 from .train.checkpoint import CheckpointError, load_into, load_weights, read_config, resolve_checkpoint
+from .validation import check_same_size
 
 
 def ddpm_sample_iter(cfg: ExperimentConfig, diffusion, model, n: int, generator=None, steps=None,
@@ -262,6 +263,7 @@ class TextToImagePipeline:
         A token is kept when every pixel it covers is kept; the rest is sampled given the kept tokens.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        check_same_size(image.size, mask.size)
         size = self.cfg.data.size
         pixels = _image_tensor(image, size).to(self.device)
         keep = _image_tensor(mask.convert("L"), size)[0] < 0  # [H, W], True where the mask is dark
@@ -289,8 +291,15 @@ def load_pipeline(path, device="cpu", dtype: torch.dtype | None = None):
     `model:`: a TextToImagePipeline (VQ-Diffusion) or a GaussianTextToImagePipeline (DDPM, pixels or latents)."""
     from .gaussian_pipeline import GaussianTextToImagePipeline
     path = Path(path)
+    if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
+        raise CheckpointError(f"{path} holds a tokenizer, not a text-to-image model")
     saved = next((d for d in (path, path / "pipeline") if (d / "config.yaml").is_file()), None)
     cfg = read_config(saved if saved is not None else resolve_checkpoint(path))
+    if cfg.model is ModelType.VQVAE:
+        raise CheckpointError(f"{path} holds a tokenizer run (model: vqvae), not a text-to-image model")
+    if cfg.model is ModelType.DDPM and not build.is_text_ddpm(cfg):
+        raise CheckpointError(f"{path} holds an unconditional Gaussian DDPM, not a text-to-image model: sample it "
+                              f"with `vqdiff sample-ddpm --checkpoint {path}`")
     if cfg.model is ModelType.VQ_DIFFUSION:
         return TextToImagePipeline.from_pretrained(path, device, dtype)
     if dtype is not None:

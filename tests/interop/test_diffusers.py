@@ -219,7 +219,7 @@ def test_a_padding_mask_is_refused_unless_ignored(tmp_path, caplog):
     with pytest.raises(DiffusersConversionError, match="masks the text padding.*--ignore-padding-mask"):
         export_pipeline(pipe.cfg, pipe.tokenizer, pipe.model.network, pipe.model.text_encoder, tmp_path / "d")
     source = pipe.save_pretrained(tmp_path / "masked")
-    assert cli.main(["convert", "to-diffusers", str(source), "--out", str(tmp_path / "d")]) == 1
+    assert cli.main(["convert", "to-diffusers", str(source), "--out", str(tmp_path / "d")]) == 2
     assert not (tmp_path / "d").exists()
     with caplog.at_level(logging.WARNING):
         assert cli.main(["convert", "to-diffusers", str(source), "--out", str(tmp_path / "d"),

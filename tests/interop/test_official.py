@@ -414,7 +414,7 @@ def test_null_text_follows_the_key_and_bad_files_are_refused(tmp_path, caplog):
     pickled = tmp_path / "pickled.pth"
     released_file(pickled, codec, num_classes=7, solver=Path("x"))
     out = tmp_path / "out"
-    assert main(["convert", "official", str(pickled), "--out", str(out), "--codes-map", str(tmp_path / "map.pt")]) == 1
+    assert main(["convert", "official", str(pickled), "--out", str(out), "--codes-map", str(tmp_path / "map.pt")]) == 2
     assert "--trust-pickle" in caplog.text and not out.exists()
     assert main(["convert", "official", str(pickled), "--out", str(out), "--codes-map", str(tmp_path / "map.pt"),
                  "--trust-pickle"]) == 0

@@ -10,7 +10,9 @@
 Items are {"image": FloatTensor [3, size, size] in [-1, 1] (shorter side resized, centre crop), "caption": str}.
 With several captions per image one is drawn per (seed, epoch, index), without the global RNG: call
 `set_epoch(e)` at each epoch to vary it. Unreadable images are skipped as in ImageFolder (counted in
-`num_skipped`, logged). `fingerprint()` hashes the relative paths, sizes and mtimes of the images and caption
+`num_skipped`, logged). Every image and caption file must resolve (symlinks followed) to a path under the data
+root: an entry that leaves it (`../x.png`, an absolute path, a link to a system file) is refused with the line or
+entry that names it, so a caption folder cannot read files from elsewhere. `fingerprint()` hashes the relative paths, sizes and mtimes of the images and caption
 files (and the image size), so a token cache can tell that its data set changed.
 """
 
@@ -25,9 +27,22 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import UserError
 from .images import IMAGE_EXTENSIONS, NOTHING_DOWNLOADED, ImageFolder, _to_rgb, resize_center_crop
 
 logger = logging.getLogger(__name__)
+
+
+class FolderEscapeError(UserError, ValueError):
+    """A caption folder entry whose file lies outside the data root."""
+
+
+def confined(root: Path, path: Path, where: str) -> Path:
+    """`path` when it resolves, symlinks followed, to a place under `root`; else a FolderEscapeError naming `where`."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise FolderEscapeError(f"{where}: {path} leads to {resolved}, outside the data root {root}; refused")
+    return path
 
 
 def epoch_and_index(item: "int | tuple[int, int]", default_epoch: int) -> tuple[int, int]:
@@ -119,8 +134,9 @@ class TextCaptionFolder(CaptionedImages):
         if not root.is_dir():
             raise FileNotFoundError(f"caption folder {root} does not exist: put images there, each with a "
                                     f"same-name .txt caption file. {NOTHING_DOWNLOADED}")
-        images = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
-        texts = [path.with_suffix(".txt") for path in images]
+        images = sorted(confined(root, p, str(p)) for p in root.rglob("*")
+                        if p.is_file() and p.suffix.lower() in extensions)
+        texts = [confined(root, path.with_suffix(".txt"), str(path)) for path in images]
         entries = [(image, _lines(text) if text.is_file() else []) for image, text in zip(images, texts)]
         super().__init__(root, entries, [text for text in texts if text.is_file()], size, seed)
 
@@ -147,7 +163,8 @@ class MetadataCaptionFolder(CaptionedImages):
                 raise ValueError(f"{metadata}:{number}: expected {{\"file_name\": ..., \"text\": ...}}, "
                                  f"got {line[:200]!r} ({error})") from error
             captions = [text] if isinstance(text, str) else list(text)
-            entries.append((root / name, [c.strip() for c in captions if c.strip()]))
+            image = confined(root, root / str(name), f"{metadata}:{number}")
+            entries.append((image, [c.strip() for c in captions if c.strip()]))
         super().__init__(root, entries, [metadata], size, seed)
 
 
@@ -168,7 +185,8 @@ class CocoCaptions(CaptionedImages):
         for annotation in data["annotations"]:
             captions.setdefault(annotation["image_id"], []).append(annotation["caption"].strip())
         images = sorted(data["images"], key=lambda image: image["id"])
-        entries = [(image_dir / image["file_name"], captions.get(image["id"], [])) for image in images]
+        entries = [(confined(image_dir, image_dir / image["file_name"], f"{annotation_file} image id {image['id']}"),
+                    captions.get(image["id"], [])) for image in images]
         super().__init__(image_dir, entries, [], size, seed)
         self.annotation_file = annotation_file
 

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from .captions import choose_caption, epoch_and_index
 from .shapes import ShapesDataset
 
@@ -111,7 +112,7 @@ def write_tokens(dataset, encode: Callable[[torch.Tensor], torch.Tensor], out_di
     return out_dir
 
 
-class CacheMismatch(ValueError):
+class CacheMismatch(UserError, ValueError):
     """A token cache made from another data set or tokenizer than the expected one."""
 
 

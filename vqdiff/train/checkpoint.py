@@ -6,31 +6,38 @@
         ema.safetensors      EMA weights (what sampling uses)
         optimizer.pt         optimizer state
         state.pt             step, time-sampler history, RNG states, format_version
+        manifest.json        each file's size and sha256, written last (vqdiff/io/manifest.py)
 
 Everything is written into `step_XXXXXXXX.tmp` and renamed when complete, so a crash never leaves a
 half-written checkpoint where `latest_checkpoint` would find it. Tensors load with safetensors or
-`torch.load(weights_only=True)`.
+`torch.load(weights_only=True)`; each file is checked against the manifest before it is read, and every load
+error names the file.
 """
 
 import contextlib
 import logging
 import os
+import pickle
 import re
 import shutil
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import FORMAT_VERSION, ConfigError, load_config, save_config, to_dict
+from ..errors import UserError
+from ..io.manifest import directory_problems, newest_intact, verify_file, write_manifest
 from ..models.loading import load_exactly
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, incomplete, or does not fit the model or config."""
 
 
@@ -47,10 +54,36 @@ def save_weights(state: dict, path: "str | Path") -> None:
 
 
 def load_weights(path: "str | Path") -> dict:
+    path = _checked(path, "weights file")
+    try:
+        weights = load_file(str(path))
+    except SafetensorError as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({error})") from error
+    for key, value in weights.items():
+        if value.is_floating_point() and torch.isnan(value).any():
+            raise CheckpointError(f"{path} holds NaN weights ({key}): the run diverged before it was saved; "
+                                  "use an earlier checkpoint")
+    return weights
+
+
+def load_torch(path: "str | Path"):
+    """A trainer-state file (optimizer.pt, state.pt): tensors and plain containers only, never code."""
+    path = _checked(path, "file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        raise CheckpointError(f"{path} is not a readable torch file ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else 'empty or cut short'})") from error
+
+
+def _checked(path: "str | Path", what: str) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"missing weights file: {path}")
-    return load_file(str(path))
+        raise CheckpointError(f"missing {what}: {path}")
+    problem = verify_file(path)
+    if problem is not None:
+        raise CheckpointError(problem)
+    return path
 
 
 def load_into(module: torch.nn.Module, state: dict, what: str) -> None:
@@ -66,12 +99,17 @@ def save_checkpoint(run_dir: Path, step: int, config, model_state: dict, ema_sta
     tmp = root / f"step_{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_config(config, tmp / "config.yaml")
-    save_weights(model_state, tmp / "model.safetensors")
-    save_weights(ema_state, tmp / "ema.safetensors")
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save({**state, "step": step, "format_version": FORMAT_VERSION}, tmp / "state.pt")
-    _fsync_dir(tmp)
+    try:
+        save_config(config, tmp / "config.yaml")
+        save_weights(model_state, tmp / "model.safetensors")
+        save_weights(ema_state, tmp / "ema.safetensors")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save({**state, "step": step, "format_version": FORMAT_VERSION}, tmp / "state.pt")
+        write_manifest(tmp)
+        _fsync_dir(tmp)
+    except BaseException:  # a full disk or an interrupt: leave no partial directory behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -96,8 +134,12 @@ def atomic_directory(path: "str | Path") -> Iterator[Path]:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    yield tmp
-    _fsync_dir(tmp)
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+    except BaseException:  # as save_checkpoint: no partial directory is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
@@ -115,6 +157,17 @@ def list_checkpoints(run_dir: "str | Path") -> list[Path]:
 def latest_checkpoint(run_dir: "str | Path") -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def latest_intact_checkpoint(run_dir: "str | Path") -> Path | None:
+    """The newest checkpoint whose files match its manifest (older ones are tried in turn, each skip logged);
+    None when the run has no checkpoint. A CheckpointError when it has some and none verifies."""
+    found = list_checkpoints(run_dir)
+    intact = newest_intact(found)
+    if found and intact is None:
+        raise CheckpointError(f"none of the {len(found)} checkpoint(s) in {Path(run_dir) / 'checkpoints'} is intact: "
+                              + "; ".join(directory_problems(found[-1])))
+    return intact
 
 
 def resolve_checkpoint(path: "str | Path") -> Path:
@@ -137,7 +190,7 @@ def read_config(checkpoint: Path):
 
 
 def read_state(checkpoint: Path) -> dict:
-    state = torch.load(Path(checkpoint) / "state.pt", map_location="cpu", weights_only=True)
+    state = load_torch(Path(checkpoint) / "state.pt")
     version = state.get("format_version", 0)
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{checkpoint} has format_version {version}; this vqdiff reads up to "

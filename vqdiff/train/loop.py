@@ -20,16 +20,14 @@ from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import ExperimentConfig, LRSchedule, TrainConfig, save_config
-from .checkpoint import (CheckpointError, architecture_differences, latest_checkpoint, load_into, load_weights,
-                         read_config, read_state, resolve_checkpoint, save_checkpoint)
+from ..config import ConfigError, ExperimentConfig, LRSchedule, MixedPrecision, TrainConfig, save_config
+from .checkpoint import (CheckpointError, architecture_differences, latest_intact_checkpoint, load_into, load_torch,
+                         load_weights, read_config, read_state, resolve_checkpoint, save_checkpoint)
 from .ema import EMA
+from .guard import DivergenceGuard, TrainingDiverged  # noqa: F401 -- TrainingDiverged: callers catch it from here
+from .run_dir import prepare_run_dir
 
 log = logging.getLogger(__name__)
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last checkpoint on disk is intact."""
 
 
 @dataclass
@@ -58,7 +56,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
                  rank: int = 0, world_size: int = 1, with_epoch: bool = False):
         self.global_batch = batch_size * world_size
         if num_items < self.global_batch:
-            raise ValueError(f"the data set has {num_items} items, fewer than one global batch "
+            raise ConfigError(f"the data set has {num_items} items, fewer than one global batch "
                              f"({batch_size} x {world_size} processes)")
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
         self.start, self.stop, self.rank, self.with_epoch = start, stop, rank, with_epoch
@@ -154,13 +152,15 @@ def _say_if_text_is_random(cfg: ExperimentConfig, model: nn.Module) -> None:
 
 
 def train(cfg: ExperimentConfig, task: TrainTask, dataset, resume: "str | None" = None,
-          init_from: "str | None" = None, progress: bool = True) -> Path:
+          init_from: "str | None" = None, progress: bool = True, overwrite: bool = False) -> Path:
     """Train until cfg.train.max_steps; returns the run directory. `resume="auto"` continues from the
-    latest checkpoint of the run (or starts fresh if there is none); `init_from` loads weights only."""
+    latest intact checkpoint of the run (or starts fresh if there is none); `init_from` loads weights only. A run
+    directory that holds checkpoints needs `resume` or `overwrite` (see run_dir.py)."""
     tc = cfg.train
     run_dir = cfg.run_dir
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     accelerator = make_accelerator(tc, kwargs_handlers=[ddp])
+    prepare_run_dir(run_dir, resume, overwrite, accelerator.is_main_process)
     device = accelerator.device
     model = task.model
     optimizer = adamw(model.parameters(), tc.lr, tuple(tc.adam_betas), tc.weight_decay)
@@ -172,13 +172,16 @@ def train(cfg: ExperimentConfig, task: TrainTask, dataset, resume: "str | None" 
         _check_same_architecture(checkpoint, cfg, task)
         load_into(model, load_weights(checkpoint / "model.safetensors"), f"{checkpoint}/model.safetensors")
         load_into(ema.model, load_weights(checkpoint / "ema.safetensors"), f"{checkpoint}/ema.safetensors")
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
+        optimizer.load_state_dict(load_torch(checkpoint / "optimizer.pt"))
         state = read_state(checkpoint)
         task.time_sampler.load_state_dict(state["time_sampler"])
         torch.set_rng_state(state["rng_cpu"][accelerator.process_index % len(state["rng_cpu"])])
         start_step = state["step"]
         trained_s = state.get("trained_s", 0.0)
         log.info("resumed from %s at step %d", checkpoint, start_step)
+        if start_step >= tc.max_steps:
+            log.warning("the checkpoint is at step %d, train.max_steps is %d: nothing left to train", start_step,
+                        tc.max_steps)
     elif init_from is not None:
         source = resolve_checkpoint(init_from)
         _check_same_architecture(source, cfg, task)
@@ -189,6 +192,8 @@ def train(cfg: ExperimentConfig, task: TrainTask, dataset, resume: "str | None" 
     else:
         _say_if_text_is_random(cfg, model)
 
+    guard = DivergenceGuard(tc, checkpoint, skip_infinite_grads=tc.mixed_precision is MixedPrecision.FP16)
+    guard.start(model.parameters())
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.model.to(device)
     raw_model = accelerator.unwrap_model(model)
@@ -213,14 +218,10 @@ def train(cfg: ExperimentConfig, task: TrainTask, dataset, resume: "str | None" 
             terms = task.losses(model, batch, t, generator)
         per_sample = terms["loss"].float()
         loss = (per_sample * weights).mean()
-        bad = accelerator.reduce((~torch.isfinite(loss)).float().reshape(1), reduction="sum")
-        if bad.item() > 0:
-            last = latest_checkpoint(run_dir)
-            raise TrainingDiverged(f"loss is {loss.item()} at step {step}; stopping without saving. "
-                                   f"Last good checkpoint: {last or 'none'}. Try a lower train.lr, "
-                                   "train.grad_clip, or train.mixed_precision=no.")
+        guard.check_loss(loss, step, accelerator.reduce)
         accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else None
+        grad_norm = gradient_norm(accelerator, model, tc.grad_clip)
+        guard.observe_grad_norm(grad_norm, step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         task.time_sampler.update(t, terms[task.sampler_term].detach().float())
@@ -243,13 +244,14 @@ def train(cfg: ExperimentConfig, task: TrainTask, dataset, resume: "str | None" 
                 step % tc.eval_every == 0 or step == tc.max_steps) and accelerator.is_main_process:
             _log_evaluation(task, ema.model, run_dir, step, trained_s, cfg.seed, device)
         if step % tc.checkpoint_every == 0 or step == tc.max_steps:
+            guard.check_before_save(raw_model, ema.model, step)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 rng = [torch.get_rng_state()]
-                save_checkpoint(run_dir, step, cfg, raw_model.state_dict(), ema.state_dict(),
-                                optimizer.state_dict(), {"time_sampler": task.time_sampler.state_dict(),
-                                                         "rng_cpu": rng, "trained_s": trained_s},
-                                keep=tc.keep_checkpoints)
+                guard.saved(save_checkpoint(run_dir, step, cfg, raw_model.state_dict(), ema.state_dict(),
+                                            optimizer.state_dict(), {"time_sampler": task.time_sampler.state_dict(),
+                                                                     "rng_cpu": rng, "trained_s": trained_s},
+                                            keep=tc.keep_checkpoints))
             accelerator.wait_for_everyone()
         step_started = time.perf_counter()
     bar.close()
@@ -257,6 +259,13 @@ def train(cfg: ExperimentConfig, task: TrainTask, dataset, resume: "str | None" 
         _check_replicas_agree(raw_model, accelerator)
     accelerator.end_training()
     return run_dir
+
+
+def gradient_norm(accelerator, model: nn.Module, grad_clip: float) -> torch.Tensor:
+    """The total gradient norm before clipping, clipped to `grad_clip` when that is > 0."""
+    if grad_clip > 0:
+        return accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
 @torch.no_grad()
@@ -276,7 +285,7 @@ def _checkpoint_to_resume(run_dir: Path, resume: "str | None") -> "Path | None":
     if resume is None:
         return None
     if resume == "auto":
-        found = latest_checkpoint(run_dir)
+        found = latest_intact_checkpoint(run_dir)
         if found is None:
             log.info("--resume auto: no checkpoint in %s, starting fresh", run_dir)
         return found

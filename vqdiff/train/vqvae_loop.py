@@ -18,14 +18,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import ExperimentConfig, save_config
+from ..config import ExperimentConfig, MixedPrecision, save_config
 from ..images import make_grid
 from ..models.gumbel import TemperatureSchedule, temperature_at
 from ..models.vqvae import GumbelVQVAE, batch_images
-from .checkpoint import (CheckpointError, architecture_differences, latest_checkpoint, load_into, load_weights,
-                         read_config, read_state, save_checkpoint)
-from .loop import (TrainingDiverged, _checkpoint_to_resume, _to_device, adamw, learning_rate, make_accelerator,
+from .checkpoint import (CheckpointError, architecture_differences, load_into, load_torch, load_weights, read_config,
+                         read_state, save_checkpoint)
+from .guard import DivergenceGuard
+from .loop import (_checkpoint_to_resume, _to_device, adamw, gradient_norm, learning_rate, make_accelerator,
                    make_loader, step_generator)
+from .run_dir import prepare_run_dir
 from .tokenizer_io import save_tokenizer
 from .vqvae_losses import VQVAELoss, codebook_counts, codebook_perplexity, psnr
 
@@ -88,21 +90,25 @@ def recon_grid(model: GumbelVQVAE, images: torch.Tensor):
 
 
 def train_vqvae(cfg: ExperimentConfig, model: GumbelVQVAE, loss: VQVAELoss, dataset, resume: "str | None" = None,
-                progress: bool = True, val_dataset=None) -> Path:
+                progress: bool = True, val_dataset=None, overwrite: bool = False) -> Path:
     """Train the tokenizer until cfg.train.max_steps, then write the trimmed `<run>/tokenizer/`; returns the run
-    directory. `resume="auto"` continues from the run's latest checkpoint (fresh if none); `val_dataset` (optional)
-    supplies the reconstruction grids and the final PSNR of the trimmed tokenizer."""
+    directory. `resume="auto"` continues from the run's latest intact checkpoint (fresh if none); `overwrite` starts
+    over in a directory that holds a run (see run_dir.py); `val_dataset` (optional) supplies the reconstruction
+    grids and the final PSNR of the trimmed tokenizer."""
     tc = cfg.train
     run_dir = cfg.run_dir
     # cpu=True without CUDA: several processes then run as gloo MULTI_CPU, as in the diffusion trainer
     accelerator = make_accelerator(tc)
+    prepare_run_dir(run_dir, resume, overwrite, accelerator.is_main_process)
     device = accelerator.device
     betas = tuple(tc.adam_betas)
     optimizer = adamw(model.parameters(), tc.lr, betas, tc.weight_decay)
     disc = loss.discriminator
     disc_optimizer = (adamw(disc.parameters(), tc.lr, betas, tc.weight_decay)
                       if disc is not None else None)
-    start_step = _resume(run_dir, resume, cfg, model, optimizer, disc, disc_optimizer, accelerator)
+    start_step, checkpoint = _resume(run_dir, resume, cfg, model, optimizer, disc, disc_optimizer, accelerator)
+    guard = DivergenceGuard(tc, checkpoint, skip_infinite_grads=tc.mixed_precision is MixedPrecision.FP16)
+    guard.start(model.parameters())
 
     if disc is None:
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -135,10 +141,10 @@ def train_vqvae(cfg: ExperimentConfig, model: GumbelVQVAE, loss: VQVAELoss, data
         if step >= tc.max_steps - cfg.tokenizer.decoder_finetune_steps:
             freeze_encoder(raw_model)  # every step: reconstruct() puts the modules back into training mode
         out, logs, grad_norm = _generator_step(accelerator, model, raw_model, loss, optimizer, images, temperature,
-                                               generator, step, tc, run_dir)
+                                               generator, step, tc, guard)
         if loss.discriminator_active(step):
             logs.update(_discriminator_step(accelerator, loss, disc_optimizer, images, out["recon"], step, tc,
-                                            run_dir))
+                                            guard))
         step += 1
         stats.add(logs, out["tokens"])
         bar.update(1)
@@ -152,7 +158,8 @@ def train_vqvae(cfg: ExperimentConfig, model: GumbelVQVAE, loss: VQVAELoss, data
             (run_dir / "samples").mkdir(parents=True, exist_ok=True)
             recon_grid(raw_model, preview["image"]).save(run_dir / "samples" / f"step_{step:08d}.png")
         if step % tc.checkpoint_every == 0 or step == tc.max_steps:
-            _save(accelerator, run_dir, step, cfg, raw_model, optimizer, loss, disc_optimizer)
+            guard.check_before_save(raw_model, None, step)
+            guard.saved(_save(accelerator, run_dir, step, cfg, raw_model, optimizer, loss, disc_optimizer))
     bar.close()
 
     if accelerator.is_main_process:
@@ -183,16 +190,17 @@ def finish_tokenizer(cfg: ExperimentConfig, model: GumbelVQVAE, dataset, val_dat
     return trimmed
 
 
-def _resume(run_dir: Path, resume, cfg, model, optimizer, disc, disc_optimizer, accelerator) -> int:
-    """Load the checkpoint to resume from (if any) into the models and optimizers; returns its step."""
+def _resume(run_dir: Path, resume, cfg, model, optimizer, disc, disc_optimizer,
+            accelerator) -> tuple[int, "Path | None"]:
+    """Load the checkpoint to resume from (if any) into the models and optimizers; returns its step and path."""
     checkpoint = _checkpoint_to_resume(run_dir, resume)
     if checkpoint is None:
-        return 0
+        return 0, None
     diffs = architecture_differences(read_config(checkpoint), cfg, ARCHITECTURE_KEYS)
     if diffs:
         raise CheckpointError(f"checkpoint {checkpoint} was trained with a different config:\n  " + "\n  ".join(diffs))
     load_into(model, load_weights(checkpoint / "model.safetensors"), f"{checkpoint}/model.safetensors")
-    optimizers = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizers = load_torch(checkpoint / "optimizer.pt")
     optimizer.load_state_dict(optimizers["model"])
     state = read_state(checkpoint)
     if disc is not None:
@@ -200,11 +208,16 @@ def _resume(run_dir: Path, resume, cfg, model, optimizer, disc, disc_optimizer, 
         disc_optimizer.load_state_dict(optimizers["discriminator"])
     torch.set_rng_state(state["rng_cpu"][accelerator.process_index % len(state["rng_cpu"])])
     log.info("resumed from %s at step %d", checkpoint, state["step"])
-    return state["step"]
+    if state["step"] >= cfg.train.max_steps:
+        log.warning("the checkpoint is at step %d, train.max_steps is %d: nothing left to train", state["step"],
+                    cfg.train.max_steps)
+    return state["step"], checkpoint
 
 
-def _save(accelerator, run_dir, step, cfg, raw_model, optimizer, loss, disc_optimizer) -> None:
+def _save(accelerator, run_dir, step, cfg, raw_model, optimizer, loss, disc_optimizer) -> "Path | None":
+    """Write the checkpoint of `step` (main process); returns its directory there, None on the other processes."""
     accelerator.wait_for_everyone()
+    saved = None
     if accelerator.is_main_process:
         weights = raw_model.state_dict()
         state = {"rng_cpu": [torch.get_rng_state()]}
@@ -212,28 +225,32 @@ def _save(accelerator, run_dir, step, cfg, raw_model, optimizer, loss, disc_opti
         if loss.discriminator is not None:
             state["discriminator"] = accelerator.unwrap_model(loss.discriminator).state_dict()
             optimizers["discriminator"] = disc_optimizer.state_dict()
-        save_checkpoint(run_dir, step, cfg, weights, weights, optimizers, state, keep=cfg.train.keep_checkpoints)
+        saved = save_checkpoint(run_dir, step, cfg, weights, weights, optimizers, state,
+                                keep=cfg.train.keep_checkpoints)
     accelerator.wait_for_everyone()
+    return saved
 
 
 def _generator_step(accelerator, model, raw_model, loss: VQVAELoss, optimizer, images, temperature: float,
-                    generator, step: int, tc, run_dir):
+                    generator, step: int, tc, guard: DivergenceGuard):
     """One VQ-VAE update; returns (the model's forward dict, the loss logs, the gradient norm before clipping)."""
     with accelerator.autocast():
         out = model(images, temperature=temperature, generator=generator)
         g_loss, logs = loss.generator_loss(out, images, step, last_layer=raw_model.last_layer)
-    _stop_if_not_finite(accelerator, g_loss, "generator loss", step, run_dir)
+    guard.check_loss(g_loss, step, accelerator.reduce, "generator loss")
     accelerator.backward(g_loss)
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else None
+    grad_norm = gradient_norm(accelerator, model, tc.grad_clip)
+    guard.observe_grad_norm(grad_norm, step)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return out, logs, grad_norm
 
 
-def _discriminator_step(accelerator, loss: VQVAELoss, optimizer, images, recon, step: int, tc, run_dir) -> dict:
+def _discriminator_step(accelerator, loss: VQVAELoss, optimizer, images, recon, step: int, tc,
+                        guard: DivergenceGuard) -> dict:
     with accelerator.autocast():
         d_loss, logs = loss.discriminator_loss(images, recon.detach(), step)
-    _stop_if_not_finite(accelerator, d_loss, "discriminator loss", step, run_dir)
+    guard.check_loss(d_loss, step, accelerator.reduce, "discriminator loss")
     optimizer.zero_grad(set_to_none=True)  # the generator step left gradients in the discriminator
     accelerator.backward(d_loss)
     if tc.grad_clip > 0:
@@ -241,14 +258,6 @@ def _discriminator_step(accelerator, loss: VQVAELoss, optimizer, images, recon, 
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return logs
-
-
-def _stop_if_not_finite(accelerator, value: torch.Tensor, what: str, step: int, run_dir: Path) -> None:
-    bad = accelerator.reduce((~torch.isfinite(value.detach().float())).float().reshape(1), reduction="sum")
-    if bad.item() > 0:
-        raise TrainingDiverged(f"{what} is {value.item()} at step {step}; stopping without saving. Last good "
-                               f"checkpoint: {latest_checkpoint(run_dir) or 'none'}. Try a lower train.lr, "
-                               "train.grad_clip, or train.mixed_precision=no.")
 
 
 def _append_log(accelerator, run_dir: Path, record: dict) -> None:
