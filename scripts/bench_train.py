@@ -19,7 +19,7 @@ import torch
 from vqdiff.build import build_discrete_diffusion, build_vq_model, token_grid
 from vqdiff.config import load_config
 from vqdiff.data.shapes import ShapesDataset
-from vqdiff.train.tokenizer_io import load_tokenizer
+from vqdiff.io.tokenizer import load_tokenizer
 
 
 def model_size(cfg, num_classes):

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from vqdiff.data.shapes import ShapesDataset
 from vqdiff.eval.shapes import evaluate
-from vqdiff.train.tokenizer_io import load_tokenizer
+from vqdiff.io.tokenizer import load_tokenizer
 from vqdiff.images import make_grid
 from vqdiff.train.vqvae_loop import image_loader, reconstruct
 from vqdiff.train.vqvae_losses import psnr

@@ -7,7 +7,7 @@ from vqdiff import build, cli
 from vqdiff.config import load_config
 from vqdiff.data.toy2d import sample_toy2d, sliced_wasserstein
 from vqdiff.pipeline import DDPMPipeline
-from vqdiff.train.checkpoint import CheckpointError, latest_checkpoint, load_weights
+from vqdiff.io.checkpoint import CheckpointError, latest_checkpoint, load_weights
 from vqdiff.train.loop import train
 
 

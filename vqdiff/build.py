@@ -291,7 +291,7 @@ def build_discrete_diffusion(cfg: ExperimentConfig, num_classes: int):
 
 
 def load_configured_tokenizer(cfg: ExperimentConfig):
-    from .train.tokenizer_io import load_tokenizer
+    from .io.tokenizer import load_tokenizer
     if cfg.tokenizer.path is None:
         raise ConfigError("tokenizer.path: a VQ-Diffusion model needs a trained tokenizer directory "
                           "(train one with scripts/train_vqvae.py; it writes <run>/tokenizer)")
@@ -397,7 +397,7 @@ def build_tokenizer(cfg: ExperimentConfig):
 
 def load_trained_tokenizer(cfg: ExperimentConfig, device: str = "cpu"):
     """The trained tokenizer at cfg.tokenizer.path (a directory written by train_vqvae / save_tokenizer)."""
-    from .train.tokenizer_io import load_tokenizer
+    from .io.tokenizer import load_tokenizer
     if cfg.tokenizer.path is None:
         raise ConfigError("tokenizer.path: set it to a trained tokenizer directory (e.g. runs/vqvae_shapes/tokenizer)")
     return load_tokenizer(cfg.tokenizer.path, device)

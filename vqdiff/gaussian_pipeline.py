@@ -15,7 +15,7 @@ from . import build
 from .config import ConfigError, DiffusionSpace, save_config
 from .images import make_grid, to_pil
 from .pipeline import preview_prompts
-from .train.checkpoint import (CheckpointError, atomic_directory, load_into, load_weights, read_config,
+from .io.checkpoint import (CheckpointError, atomic_directory, load_into, load_weights, read_config,
                                resolve_checkpoint, save_weights)
 
 PIPELINE_FILES = ("config.yaml", "unet.safetensors", "text_encoder.safetensors")
@@ -70,7 +70,7 @@ class GaussianTextToImagePipeline:
 
     @classmethod
     def _from_pipeline_dir(cls, path: Path) -> "GaussianTextToImagePipeline":
-        from .train.tokenizer_io import load_tokenizer
+        from .io.tokenizer import load_tokenizer
         cfg = read_config(path)
         latent = cfg.gaussian.space is DiffusionSpace.LATENT
         missing = [name for name in PIPELINE_FILES + (("tokenizer",) if latent else ()) if not (path / name).exists()]
@@ -85,7 +85,7 @@ class GaussianTextToImagePipeline:
 
     def save_pretrained(self, path) -> Path:
         """config.yaml, unet.safetensors, text_encoder.safetensors and, for latents, tokenizer/ (atomically)."""
-        from .train.tokenizer_io import save_tokenizer
+        from .io.tokenizer import save_tokenizer
         cfg = copy.deepcopy(self.cfg)
         with atomic_directory(path) as tmp:
             if self.latent:

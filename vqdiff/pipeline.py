@@ -10,7 +10,7 @@ from PIL import Image
 from . import build
 from .config import ConfigError, ExperimentConfig, ModelType
 from .images import make_grid, scatter, to_pil
-from .train.checkpoint import CheckpointError, load_into, load_weights, read_config, resolve_checkpoint
+from .io.checkpoint import CheckpointError, load_into, load_weights, read_config, resolve_checkpoint
 
 
 def ddpm_sample_iter(cfg: ExperimentConfig, diffusion, model, n: int, generator=None, steps=None,
@@ -167,7 +167,7 @@ class TextToImagePipeline:
 
     @classmethod
     def _from_pipeline_dir(cls, path: Path) -> "TextToImagePipeline":
-        from .train.tokenizer_io import load_tokenizer
+        from .io.tokenizer import load_tokenizer
         missing = [name for name in PIPELINE_FILES if not (path / name).exists()]
         if missing:
             raise CheckpointError(f"{path} is not a complete pipeline directory: missing {', '.join(missing)}")
@@ -185,8 +185,8 @@ class TextToImagePipeline:
     def save_pretrained(self, path) -> Path:
         """config.yaml, tokenizer/, transformer.safetensors, text_encoder.safetensors (written atomically)."""
         from .config import save_config
-        from .train.checkpoint import atomic_directory, save_weights
-        from .train.tokenizer_io import save_tokenizer
+        from .io.checkpoint import atomic_directory, save_weights
+        from .io.tokenizer import save_tokenizer
         cfg = copy.deepcopy(self.cfg)
         cfg.tokenizer.path = "tokenizer"  # relative to the pipeline directory
         with atomic_directory(path) as tmp:

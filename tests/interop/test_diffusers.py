@@ -15,7 +15,7 @@ from vqdiff.models.text import CLIPTextEncoder
 from vqdiff.models.patch_vqgan import PatchVQGAN
 from vqdiff.models.vqvae import GumbelVQVAE
 from vqdiff.pipeline import TextToImagePipeline
-from vqdiff.train.tokenizer_io import save_tokenizer
+from vqdiff.io.tokenizer import save_tokenizer
 
 diffusers = pytest.importorskip("diffusers")
 

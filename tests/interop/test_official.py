@@ -266,7 +266,7 @@ def test_ithq_codec_round_trip_and_brute_force_quantizer(tmp_path):
                                    rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(decoded, codec.decoder(latent.float()).clamp(-1, 1), rtol=1e-4, atol=1e-4)
         assert torch.equal(decoded, source.decode(tokens))
-    from vqdiff.train.tokenizer_io import load_tokenizer, save_tokenizer
+    from vqdiff.io.tokenizer import load_tokenizer, save_tokenizer
     loaded = load_tokenizer(save_tokenizer(codec, tmp_path / "tok"))
     assert isinstance(loaded, PatchVQGAN)
     with torch.no_grad():

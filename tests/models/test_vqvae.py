@@ -302,7 +302,7 @@ def test_nearest_tokens_is_the_brute_force_nearest_code_and_inverts_embed_tokens
 def test_patch_encoder_codes_depend_on_their_own_patch_only(tmp_path):
     """encoder="patch": a token's pre-quantisation features, hence its code, change when a pixel of its own f x f
     patch changes and never when any other pixel does (float64); the choice survives save/load and trimming."""
-    from vqdiff.train.tokenizer_io import load_tokenizer, save_tokenizer
+    from vqdiff.io.tokenizer import load_tokenizer, save_tokenizer
     model = tiny_model(encoder="patch").double()
     x = images(1).double()
     features = model.quant_conv(model.encoder(x))  # [1, 16, 8, 8]; f = 2

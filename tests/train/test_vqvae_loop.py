@@ -10,9 +10,9 @@ from vqdiff import build
 from vqdiff.config import load_config
 from vqdiff.data.shapes import ShapesDataset
 from vqdiff.models.vqvae import GumbelVQVAE
-from vqdiff.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_weights
+from vqdiff.io.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_weights
 from vqdiff.train.loop import TrainingDiverged
-from vqdiff.train.tokenizer_io import load_tokenizer, save_tokenizer
+from vqdiff.io.tokenizer import load_tokenizer, save_tokenizer
 from vqdiff.train.vqvae_loop import train_vqvae
 from vqdiff.train.vqvae_losses import VQVAELoss
 

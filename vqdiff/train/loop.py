@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import ExperimentConfig, LRSchedule, TrainConfig, save_config
-from .checkpoint import (CheckpointError, architecture_differences, latest_checkpoint, load_into, load_weights,
+from ..io.checkpoint import (CheckpointError, architecture_differences, latest_checkpoint, load_into, load_weights,
                          read_config, read_state, resolve_checkpoint, save_checkpoint)
 from .ema import EMA
 

@@ -7,7 +7,7 @@ its own optimizer (taming-transformers' VQLPIPSWithDiscriminator training). The 
 exactly. There is no EMA: `ema.safetensors` holds the trained weights too.
 
 At the end the main process counts how often each code is used over the training data, drops the codes used
-fewer than `tokenizer.trim_min_count` times, and writes `<run>/tokenizer/` (see tokenizer_io).
+fewer than `tokenizer.trim_min_count` times, and writes `<run>/tokenizer/` (see vqdiff/io/tokenizer.py).
 """
 
 import json
@@ -22,11 +22,11 @@ from ..config import ExperimentConfig, save_config
 from ..images import make_grid
 from ..models.gumbel import TemperatureSchedule, temperature_at
 from ..models.vqvae import GumbelVQVAE, batch_images
-from .checkpoint import (CheckpointError, architecture_differences, latest_checkpoint, load_into, load_weights,
+from ..io.checkpoint import (CheckpointError, architecture_differences, latest_checkpoint, load_into, load_weights,
                          read_config, read_state, save_checkpoint)
 from .loop import (TrainingDiverged, _checkpoint_to_resume, _to_device, adamw, learning_rate, make_accelerator,
                    make_loader, step_generator)
-from .tokenizer_io import save_tokenizer
+from ..io.tokenizer import save_tokenizer
 from .vqvae_losses import VQVAELoss, codebook_counts, codebook_perplexity, psnr
 
 log = logging.getLogger(__name__)
