@@ -12,7 +12,7 @@ import logging
 
 from vqdiff import build
 from vqdiff.config import load_config
-from vqdiff.io.tokenizer import encode_token_cache
+from vqdiff.io.token_cache import encode_token_cache
 
 log = logging.getLogger("encode_tokens")
 

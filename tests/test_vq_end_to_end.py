@@ -116,7 +116,7 @@ def test_inpainting_keeps_the_known_tokens(tmp_path, tokenizer_dir):
 
 def test_token_cache_trains_and_is_checked(tmp_path, tokenizer_dir):
     from vqdiff.data.tokens import CacheMismatch
-    from vqdiff.io.tokenizer import encode_token_cache
+    from vqdiff.io.token_cache import encode_token_cache
     overrides = tiny_overrides(tmp_path, tokenizer_dir, "e", 2)
     cfg = load_config(ROOT / "configs/shapes_tiny.yaml", overrides)
     encode_token_cache(tokenizer_dir, build.build_tokenizer_data(cfg), tmp_path / "tokens", progress=False)

@@ -5,18 +5,19 @@ with the same calls: `pipe(prompts, generator, steps=..., guidance_scale=...)`, 
 `preview`, `save_pretrained` / `from_pretrained`; `pipeline.load_pipeline` picks the class from the saved config.
 """
 
-import copy
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from . import build
-from .config import ConfigError, DiffusionSpace, save_config
+from .config import ConfigError, DiffusionSpace
 from .images import make_grid, to_pil
 from .pipeline import preview_prompts
-from .io.checkpoint import (CheckpointError, atomic_directory, load_into, load_weights, read_config,
-                               resolve_checkpoint, save_weights)
+from .io.checkpoint import CheckpointError, load_into, load_weights, read_config, resolve_checkpoint
+from .io.pipeline_folder import (TEXT_ENCODER_FILE, TOKENIZER_DIR, find_pipeline_folder, load_parts,
+                                 check_complete, write_pipeline_folder)
+from .io.tokenizer import load_tokenizer
 
 PIPELINE_FILES = ("config.yaml", "unet.safetensors", "text_encoder.safetensors")
 VQ_ONLY_OPTIONS = ("truncation_rate", "temperature", "strategy")
@@ -55,10 +56,9 @@ class GaussianTextToImagePipeline:
     @classmethod
     def from_pretrained(cls, path, device="cpu") -> "GaussianTextToImagePipeline":
         """A directory written by save_pretrained, or a training run / checkpoint (its EMA weights)."""
-        path = Path(path)
-        for directory in (path, path / "pipeline"):
-            if (directory / "unet.safetensors").is_file():
-                return cls._from_pipeline_dir(directory).to(device)
+        folder = find_pipeline_folder(path, "unet.safetensors")
+        if folder is not None:
+            return cls._from_pipeline_dir(folder).to(device)
         checkpoint = resolve_checkpoint(path)
         cfg = read_config(checkpoint)
         if not build.is_text_ddpm(cfg):
@@ -70,31 +70,19 @@ class GaussianTextToImagePipeline:
 
     @classmethod
     def _from_pipeline_dir(cls, path: Path) -> "GaussianTextToImagePipeline":
-        from .io.tokenizer import load_tokenizer
         cfg = read_config(path)
         latent = cfg.gaussian.space is DiffusionSpace.LATENT
-        missing = [name for name in PIPELINE_FILES + (("tokenizer",) if latent else ()) if not (path / name).exists()]
-        if missing:
-            raise CheckpointError(f"{path} is not a complete pipeline directory: missing {', '.join(missing)}")
-        tokenizer = load_tokenizer(path / "tokenizer") if latent else None
+        check_complete(path, PIPELINE_FILES + ((TOKENIZER_DIR,) if latent else ()))
+        tokenizer = load_tokenizer(path / TOKENIZER_DIR) if latent else None
         model = build.build_ddpm_model(cfg, tokenizer)
-        load_into(model.network, load_weights(path / "unet.safetensors"), f"{path}/unet.safetensors")
-        load_into(model.text_encoder, load_weights(path / "text_encoder.safetensors"),
-                  f"{path}/text_encoder.safetensors")
+        load_parts(path, {"unet.safetensors": model.network, TEXT_ENCODER_FILE: model.text_encoder})
         return cls(cfg, model, build.build_gaussian_diffusion(cfg), tokenizer)
 
     def save_pretrained(self, path) -> Path:
         """config.yaml, unet.safetensors, text_encoder.safetensors and, for latents, tokenizer/ (atomically)."""
-        from .io.tokenizer import save_tokenizer
-        cfg = copy.deepcopy(self.cfg)
-        with atomic_directory(path) as tmp:
-            if self.latent:
-                cfg.tokenizer.path = "tokenizer"  # relative to the pipeline directory
-                save_tokenizer(self.tokenizer, tmp / "tokenizer")
-            save_config(cfg, tmp / "config.yaml")
-            save_weights(self.model.network.state_dict(), tmp / "unet.safetensors")
-            save_weights(self.model.text_encoder.state_dict(), tmp / "text_encoder.safetensors")
-        return Path(path)
+        return write_pipeline_folder(path, self.cfg, {"unet.safetensors": self.model.network,
+                                                      TEXT_ENCODER_FILE: self.model.text_encoder},
+                                     self.tokenizer if self.latent else None)
 
     # ---- sampling --------------------------------------------------------------------------------
 

@@ -11,6 +11,9 @@ from . import build
 from .config import ConfigError, ExperimentConfig, ModelType
 from .images import make_grid, scatter, to_pil
 from .io.checkpoint import CheckpointError, load_into, load_weights, read_config, resolve_checkpoint
+from .io.pipeline_folder import (TEXT_ENCODER_FILE, TOKENIZER_DIR, find_pipeline_folder, load_parts,
+                                 check_complete, saved_config, write_pipeline_folder)
+from .io.tokenizer import load_tokenizer
 
 
 def ddpm_sample_iter(cfg: ExperimentConfig, diffusion, model, n: int, generator=None, steps=None,
@@ -139,11 +142,9 @@ class TextToImagePipeline:
     def from_pretrained(cls, path, device="cpu", dtype: torch.dtype | None = None) -> "TextToImagePipeline":
         """A directory written by save_pretrained, or a training run / checkpoint (its EMA weights); see `to`
         for dtype."""
-        path = Path(path)
-        if (path / "transformer.safetensors").is_file():
-            return cls._from_pipeline_dir(path).to(device, dtype)
-        if (path / "pipeline" / "transformer.safetensors").is_file():
-            return cls._from_pipeline_dir(path / "pipeline").to(device, dtype)
+        folder = find_pipeline_folder(path, "transformer.safetensors")
+        if folder is not None:
+            return cls._from_pipeline_dir(folder).to(device, dtype)
         checkpoint = resolve_checkpoint(path)
         cfg = read_config(checkpoint)
         if cfg.model is not ModelType.VQ_DIFFUSION:
@@ -167,34 +168,20 @@ class TextToImagePipeline:
 
     @classmethod
     def _from_pipeline_dir(cls, path: Path) -> "TextToImagePipeline":
-        from .io.tokenizer import load_tokenizer
-        missing = [name for name in PIPELINE_FILES if not (path / name).exists()]
-        if missing:
-            raise CheckpointError(f"{path} is not a complete pipeline directory: missing {', '.join(missing)}")
+        check_complete(path, PIPELINE_FILES)
         cfg = read_config(path)
-        tokenizer = load_tokenizer(path / "tokenizer")
+        tokenizer = load_tokenizer(path / TOKENIZER_DIR)
         built = copy.deepcopy(cfg)
         if cfg.text.weights == "text_encoder.safetensors":  # the directory's own copy (converted pipelines)
             built.text.weights = str(path / "text_encoder.safetensors")
         model = build.build_vq_model(built, tokenizer.num_embeddings, build.token_grid(cfg, tokenizer))
-        load_into(model.network, load_weights(path / "transformer.safetensors"), f"{path}/transformer.safetensors")
-        load_into(model.text_encoder, load_weights(path / "text_encoder.safetensors"),
-                  f"{path}/text_encoder.safetensors")
+        load_parts(path, {"transformer.safetensors": model.network, TEXT_ENCODER_FILE: model.text_encoder})
         return cls(cfg, tokenizer, model, build.build_discrete_diffusion(cfg, tokenizer.num_embeddings))
 
     def save_pretrained(self, path) -> Path:
         """config.yaml, tokenizer/, transformer.safetensors, text_encoder.safetensors (written atomically)."""
-        from .config import save_config
-        from .io.checkpoint import atomic_directory, save_weights
-        from .io.tokenizer import save_tokenizer
-        cfg = copy.deepcopy(self.cfg)
-        cfg.tokenizer.path = "tokenizer"  # relative to the pipeline directory
-        with atomic_directory(path) as tmp:
-            save_config(cfg, tmp / "config.yaml")
-            save_tokenizer(self.tokenizer, tmp / "tokenizer")
-            save_weights(self.model.network.state_dict(), tmp / "transformer.safetensors")
-            save_weights(self.model.text_encoder.state_dict(), tmp / "text_encoder.safetensors")
-        return Path(path)
+        return write_pipeline_folder(path, self.cfg, {"transformer.safetensors": self.model.network,
+                                                      TEXT_ENCODER_FILE: self.model.text_encoder}, self.tokenizer)
 
     # ---- sampling --------------------------------------------------------------------------------
 
@@ -288,9 +275,7 @@ def load_pipeline(path, device="cpu", dtype: torch.dtype | None = None):
     """The text-to-image pipeline of a pipeline, run or checkpoint directory, chosen by its saved config's
     `model:`: a TextToImagePipeline (VQ-Diffusion) or a GaussianTextToImagePipeline (DDPM, pixels or latents)."""
     from .gaussian_pipeline import GaussianTextToImagePipeline
-    path = Path(path)
-    saved = next((d for d in (path, path / "pipeline") if (d / "config.yaml").is_file()), None)
-    cfg = read_config(saved if saved is not None else resolve_checkpoint(path))
+    cfg = saved_config(path)
     if cfg.model is ModelType.VQ_DIFFUSION:
         return TextToImagePipeline.from_pretrained(path, device, dtype)
     if dtype is not None:
