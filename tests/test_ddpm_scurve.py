@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from vqdiff import build, cli
+from vqdiff.train import tasks
 from vqdiff.config import load_config
 from vqdiff.data.toy2d import sample_toy2d, sliced_wasserstein
 from vqdiff.pipeline import DDPMPipeline
@@ -19,8 +20,8 @@ def scurve_config(tmp_path, name, steps, *extra):
 
 
 def run(cfg, **kwargs):
-    build.seed_everything(cfg.seed)
-    return train(cfg, build.build_task(cfg), build.build_dataset(cfg), progress=False, **kwargs)
+    tasks.seed_everything(cfg.seed)
+    return train(cfg, tasks.build_task(cfg), build.build_dataset(cfg), progress=False, **kwargs)
 
 
 @pytest.mark.slow

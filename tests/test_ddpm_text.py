@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from vqdiff import build, cli
+from vqdiff.train import tasks
 from vqdiff.config import DiffusionSpace, load_config
 from vqdiff.eval.compare import time_to_accuracy
 from vqdiff.gaussian_pipeline import GaussianTextToImagePipeline
@@ -36,8 +37,9 @@ def tiny_config(root: Path, name: str, latent: bool, tokenizer_dir: Path, *extra
 
 
 def run(cfg):
-    build.seed_everything(cfg.seed)
-    task = build.build_task(cfg)
+    tasks.seed_everything(cfg.seed)
+    cfg = tasks.prepare_config(cfg)
+    task = tasks.build_task(cfg)
     return train(cfg, task, build.build_train_dataset(cfg), progress=False)
 
 
@@ -95,7 +97,7 @@ def test_latent_variant_encodes_diffuses_and_decodes_through_the_tokenizer(runs,
     assert cfg.gaussian.space is DiffusionSpace.LATENT and pipe.shape == (16, 8, 8)
     # the scale saved with the run is 1 / std of the first training latents: they have unit variance
     batch = default_collate([build.build_train_dataset(cfg)[i] for i in range(16)])
-    latents = build.ddpm_latents(tokenizer, batch, (8, 8))
+    latents = tasks.ddpm_latents(tokenizer, batch, (8, 8))
     assert latents.shape == (16, 16, 8, 8)
     assert abs((latents * cfg.gaussian.latent_scale).std().item() - 1) < 1e-3
     assert load_config(runs["latent"] / "config.yaml").gaussian.latent_scale == cfg.gaussian.latent_scale

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from vqdiff import build, cli
+from vqdiff.train import tasks
 from vqdiff.config import load_config
 from vqdiff.eval.probe import ATTRIBUTE_VALUES, probe_attributes
 from vqdiff.eval.shapes import evaluate
@@ -34,8 +35,8 @@ def tiny_overrides(tmp_path, tokenizer_dir, name, steps):
 
 
 def run(cfg, **kwargs):
-    build.seed_everything(cfg.seed)
-    return train(cfg, build.build_task(cfg), build.build_train_dataset(cfg), progress=False, **kwargs)
+    tasks.seed_everything(cfg.seed)
+    return train(cfg, tasks.build_task(cfg), build.build_train_dataset(cfg), progress=False, **kwargs)
 
 
 def test_train_resume_and_sample(tmp_path, tokenizer_dir, monkeypatch, capsys):

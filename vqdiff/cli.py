@@ -25,15 +25,16 @@ def train_command(argv: list[str], expect: ModelType | None = None) -> Path:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     args = parser.parse_intermixed_args(argv)
-    from . import build
+    from .build import build_train_dataset
     from .train.loop import train
+    from .train.tasks import build_task, prepare_config, seed_everything
     cfg = load_config(args.config, args.overrides)
     if expect is not None and cfg.model is not expect:
         raise ConfigError(f"{args.config} configures a {cfg.model.value!r} model; this script trains "
                           f"{expect.value!r} models")
-    build.seed_everything(cfg.seed)
-    task = build.build_task(cfg)
-    run_dir = train(cfg, task, build.build_train_dataset(cfg), resume=args.resume, init_from=args.init_from,
+    seed_everything(cfg.seed)
+    cfg = prepare_config(cfg)
+    run_dir = train(cfg, build_task(cfg), build_train_dataset(cfg), resume=args.resume, init_from=args.init_from,
                     progress=not args.no_progress)
     log.info("run directory: %s (checkpoints/, samples/, log.jsonl)", run_dir)
     return run_dir

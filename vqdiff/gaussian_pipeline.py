@@ -2,7 +2,7 @@
 
 The Gaussian counterpart of `pipeline.TextToImagePipeline` (configs with `model: ddpm` and `unet.text: true`),
 with the same calls: `pipe(prompts, generator, steps=..., guidance_scale=...)`, `sample_iter`, `decode`,
-`preview`, `save_pretrained` / `from_pretrained`; `pipeline.load_pipeline` picks the class from the saved config.
+`save_pretrained` / `from_pretrained`; `pipeline.load_pipeline` picks the class from the saved config.
 """
 
 from pathlib import Path
@@ -12,8 +12,7 @@ from PIL import Image
 
 from . import build
 from .config import ConfigError, DiffusionSpace
-from .images import make_grid, to_pil
-from .pipeline import preview_prompts
+from .images import to_pil
 from .io.checkpoint import CheckpointError, load_into, load_weights, read_config, resolve_checkpoint
 from .io.pipeline_folder import (TEXT_ENCODER_FILE, TOKENIZER_DIR, find_pipeline_folder, load_parts,
                                  check_complete, write_pipeline_folder)
@@ -64,9 +63,9 @@ class GaussianTextToImagePipeline:
         if not build.is_text_ddpm(cfg):
             raise CheckpointError(f"{checkpoint} holds no text-conditional Gaussian model (model: ddpm, unet.text)")
         tokenizer = build.load_configured_tokenizer(cfg) if cfg.gaussian.space is DiffusionSpace.LATENT else None
-        model = build.build_ddpm_model(cfg, tokenizer)
+        model, diffusion = build.build_model_and_diffusion(cfg, tokenizer)
         load_into(model, load_weights(checkpoint / "ema.safetensors"), f"{checkpoint}/ema.safetensors")
-        return cls(cfg, model, build.build_gaussian_diffusion(cfg), tokenizer).to(device)
+        return cls(cfg, model, diffusion, tokenizer).to(device)
 
     @classmethod
     def _from_pipeline_dir(cls, path: Path) -> "GaussianTextToImagePipeline":
@@ -74,9 +73,9 @@ class GaussianTextToImagePipeline:
         latent = cfg.gaussian.space is DiffusionSpace.LATENT
         check_complete(path, PIPELINE_FILES + ((TOKENIZER_DIR,) if latent else ()))
         tokenizer = load_tokenizer(path / TOKENIZER_DIR) if latent else None
-        model = build.build_ddpm_model(cfg, tokenizer)
+        model, diffusion = build.build_model_and_diffusion(cfg, tokenizer)
         load_parts(path, {"unet.safetensors": model.network, TEXT_ENCODER_FILE: model.text_encoder})
-        return cls(cfg, model, build.build_gaussian_diffusion(cfg), tokenizer)
+        return cls(cfg, model, diffusion, tokenizer)
 
     def save_pretrained(self, path) -> Path:
         """config.yaml, unet.safetensors, text_encoder.safetensors and, for latents, tokenizer/ (atomically)."""
@@ -137,10 +136,3 @@ class GaussianTextToImagePipeline:
         for x in self.sample_iter(prompts, generator, progress, **options):
             pass
         return self.decode(x)
-
-    @torch.no_grad()
-    def preview(self, generator=None) -> Image.Image:
-        """The training-time sample grid: fixed prompts, each image captioned."""
-        prompts = preview_prompts(self.cfg)
-        images = self(prompts, generator=generator, progress=False)
-        return make_grid(images, nrow=min(8, len(images)), captions=prompts, scale=max(1, 64 // self.cfg.data.size))

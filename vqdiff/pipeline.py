@@ -9,6 +9,7 @@ from PIL import Image
 
 from . import build
 from .config import ConfigError, ExperimentConfig, ModelType
+from .gaussian_pipeline import GaussianTextToImagePipeline
 from .images import make_grid, scatter, to_pil
 from .io.checkpoint import CheckpointError, load_into, load_weights, read_config, resolve_checkpoint
 from .io.pipeline_folder import (TEXT_ENCODER_FILE, TOKENIZER_DIR, find_pipeline_folder, load_parts,
@@ -41,12 +42,6 @@ def ddpm_picture(cfg: ExperimentConfig, samples: torch.Tensor) -> Image.Image:
     return make_grid([to_pil(x) for x in samples], scale=max(1, 64 // samples.shape[-1]))
 
 
-@torch.no_grad()
-def ddpm_preview(cfg: ExperimentConfig, diffusion, model, generator) -> Image.Image:
-    n = cfg.train.num_sample_images if cfg.data.name in build.IMAGE_DATA else 2000
-    return ddpm_picture(cfg, ddpm_sample(cfg, diffusion, model, n, generator))
-
-
 class DDPMPipeline:
     """A trained Gaussian model: `DDPMPipeline.from_checkpoint(DIR)(n=16, steps=50, sampler="ddim")`."""
 
@@ -62,9 +57,9 @@ class DDPMPipeline:
         if build.is_text_ddpm(cfg):
             raise CheckpointError(f"{checkpoint} holds a text-to-image DDPM: sample it with `vqdiff sample PROMPT "
                                   "--model DIR`")
-        model = build.build_network(cfg)
+        model, diffusion = build.build_model_and_diffusion(cfg)
         load_into(model, load_weights(checkpoint / "ema.safetensors"), f"{checkpoint}/ema.safetensors")
-        return cls(cfg, model.to(device), build.build_gaussian_diffusion(cfg))
+        return cls(cfg, model.to(device), diffusion)
 
     @property
     def device(self):
@@ -150,10 +145,9 @@ class TextToImagePipeline:
         if cfg.model is not ModelType.VQ_DIFFUSION:
             raise CheckpointError(f"{checkpoint} holds a {cfg.model.value!r} model, not VQ-Diffusion")
         tokenizer = build.load_configured_tokenizer(cfg)
-        model = build.build_vq_model(cfg, tokenizer.num_embeddings, build.token_grid(cfg, tokenizer))
+        model, diffusion = build.build_model_and_diffusion(cfg, tokenizer)
         load_into(model, load_weights(checkpoint / "ema.safetensors"), f"{checkpoint}/ema.safetensors")
-        return cls(cfg, tokenizer, model, build.build_discrete_diffusion(cfg, tokenizer.num_embeddings)).to(device,
-                                                                                                         dtype)
+        return cls(cfg, tokenizer, model, diffusion).to(device, dtype)
 
     @classmethod
     def from_official(cls, checkpoint, codes_map=None, weights: str = "ema",
@@ -174,9 +168,9 @@ class TextToImagePipeline:
         built = copy.deepcopy(cfg)
         if cfg.text.weights == "text_encoder.safetensors":  # the directory's own copy (converted pipelines)
             built.text.weights = str(path / "text_encoder.safetensors")
-        model = build.build_vq_model(built, tokenizer.num_embeddings, build.token_grid(cfg, tokenizer))
+        model, diffusion = build.build_model_and_diffusion(built, tokenizer)
         load_parts(path, {"transformer.safetensors": model.network, TEXT_ENCODER_FILE: model.text_encoder})
-        return cls(cfg, tokenizer, model, build.build_discrete_diffusion(cfg, tokenizer.num_embeddings))
+        return cls(cfg, tokenizer, model, diffusion)
 
     def save_pretrained(self, path) -> Path:
         """config.yaml, tokenizer/, transformer.safetensors, text_encoder.safetensors (written atomically)."""
@@ -263,33 +257,16 @@ class TextToImagePipeline:
             pass
         return self.decode(final)
 
-    @torch.no_grad()
-    def preview(self, generator=None) -> Image.Image:
-        """The training-time sample grid: fixed prompts, each image captioned."""
-        prompts = preview_prompts(self.cfg)
-        images = self(prompts, generator=generator, progress=False)
-        return make_grid(images, nrow=min(8, len(images)), captions=prompts, scale=max(1, 64 // self.cfg.data.size))
-
 
 def load_pipeline(path, device="cpu", dtype: torch.dtype | None = None):
     """The text-to-image pipeline of a pipeline, run or checkpoint directory, chosen by its saved config's
     `model:`: a TextToImagePipeline (VQ-Diffusion) or a GaussianTextToImagePipeline (DDPM, pixels or latents)."""
-    from .gaussian_pipeline import GaussianTextToImagePipeline
     cfg = saved_config(path)
     if cfg.model is ModelType.VQ_DIFFUSION:
         return TextToImagePipeline.from_pretrained(path, device, dtype)
     if dtype is not None:
         raise ConfigError("a dtype cast is for VQ-Diffusion transformers; Gaussian models sample in float32")
     return GaussianTextToImagePipeline.from_pretrained(path, device)
-
-
-def preview_prompts(cfg: ExperimentConfig) -> list[str]:
-    n = cfg.train.num_sample_images
-    if cfg.data.name == "shapes":
-        from .data.shapes import eval_prompts
-        return [caption for caption, _ in eval_prompts("val", n, seed=cfg.data.seed, max_objects=cfg.data.max_objects)]
-    dataset = build.build_dataset(cfg, split="val")
-    return [dataset[i]["caption"] for i in range(min(n, len(dataset)))]
 
 
 def _check_parts_fit(tokenizer, network, grid, text_dim) -> None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from vqdiff import build
+from vqdiff.train import tasks
 from vqdiff.config import load_config
 from vqdiff.data.shapes import ShapesDataset
 from vqdiff.models.vqvae import GumbelVQVAE
@@ -40,7 +41,7 @@ def small_gan_loss(cfg):
 
 def run(cfg, resume=None, val=None):
     torch.manual_seed(cfg.seed)
-    loss = small_gan_loss(cfg) if cfg.tokenizer.disc_weight > 0 else build.build_vqvae_loss(cfg)
+    loss = small_gan_loss(cfg) if cfg.tokenizer.disc_weight > 0 else tasks.build_vqvae_loss(cfg)
     return train_vqvae(cfg, build.build_tokenizer(cfg), loss, data(), resume=resume, progress=False,
                        val_dataset=val)
 
@@ -119,7 +120,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
 
     model.forward = poisoned
     with pytest.raises(TrainingDiverged, match="generator loss is nan at step 6.*step_00000004"):
-        train_vqvae(cfg, model, build.build_vqvae_loss(cfg), data(), progress=False)
+        train_vqvae(cfg, model, tasks.build_vqvae_loss(cfg), data(), progress=False)
     assert [p.name for p in list_checkpoints(cfg.run_dir)] == ["step_00000004"]
     load_weights(latest_checkpoint(cfg.run_dir) / "model.safetensors")
     assert not (cfg.run_dir / "tokenizer").exists()

@@ -24,7 +24,7 @@ from ..models.gumbel import TemperatureSchedule, temperature_at
 from ..models.vqvae import GumbelVQVAE, batch_images
 from ..io.checkpoint import (CheckpointError, architecture_differences, latest_checkpoint, load_into, load_weights,
                          read_config, read_state, save_checkpoint)
-from .loop import (TrainingDiverged, _checkpoint_to_resume, _to_device, adamw, learning_rate, make_accelerator,
+from .loop import (TrainingDiverged, checkpoint_to_resume, to_device, adamw, learning_rate, make_accelerator,
                    make_loader, step_generator)
 from ..io.tokenizer import save_tokenizer
 from .vqvae_losses import VQVAELoss, codebook_counts, codebook_perplexity, psnr
@@ -125,7 +125,7 @@ def train_vqvae(cfg: ExperimentConfig, model: GumbelVQVAE, loss: VQVAELoss, data
                desc=cfg.name, dynamic_ncols=True)
     step = start_step
     for batch in loader:
-        images = _to_device(batch, device)["image"]
+        images = to_device(batch, device)["image"]
         generator = step_generator(device, cfg.seed, step, accelerator.process_index)
         lr = learning_rate(tc, step)
         for opt in optimizers:
@@ -185,7 +185,7 @@ def finish_tokenizer(cfg: ExperimentConfig, model: GumbelVQVAE, dataset, val_dat
 
 def _resume(run_dir: Path, resume, cfg, model, optimizer, disc, disc_optimizer, accelerator) -> int:
     """Load the checkpoint to resume from (if any) into the models and optimizers; returns its step."""
-    checkpoint = _checkpoint_to_resume(run_dir, resume)
+    checkpoint = checkpoint_to_resume(run_dir, resume)
     if checkpoint is None:
         return 0
     diffs = architecture_differences(read_config(checkpoint), cfg, ARCHITECTURE_KEYS)
