@@ -28,7 +28,7 @@ def run(cfg, **kwargs):
 def test_scurve_ddpm_learns(tmp_path):
     cfg = scurve_config(tmp_path, "learn", 1500, "train.lr=2e-3", "train.ema_decay=0.99")
     run(cfg)
-    pipe = DDPMPipeline.from_checkpoint(cfg.run_dir)
+    pipe = DDPMPipeline.from_pretrained(cfg.run_dir)
     samples = pipe(n=2000, seed=1, progress=False)
     held_out = sample_toy2d("scurve", 2000, seed=123)
     noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0)).numpy()

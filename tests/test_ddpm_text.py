@@ -14,8 +14,7 @@ from vqdiff import build, cli
 from vqdiff.train import tasks
 from vqdiff.config import DiffusionSpace, load_config
 from vqdiff.eval.compare import time_to_accuracy
-from vqdiff.gaussian_pipeline import GaussianTextToImagePipeline
-from vqdiff.pipeline import _image_tensor, load_pipeline
+from vqdiff.pipeline import GaussianTextToImagePipeline, image_tensor, load_pipeline
 from vqdiff.train.loop import default_collate, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +102,7 @@ def test_latent_variant_encodes_diffuses_and_decodes_through_the_tokenizer(runs,
     assert load_config(runs["latent"] / "config.yaml").gaussian.latent_scale == cfg.gaussian.latent_scale
     # decoding the scaled latents of images gives the tokenizer's reconstruction of them
     reconstruction = tokenizer.decode(tokenizer.encode(batch["image"][:2]))
-    decoded = torch.stack([_image_tensor(image, 32) for image in pipe.decode(latents[:2] * cfg.gaussian.latent_scale)])
+    decoded = torch.stack([image_tensor(image, 32) for image in pipe.decode(latents[:2] * cfg.gaussian.latent_scale)])
     torch.testing.assert_close(decoded, reconstruction, rtol=0, atol=1.5 / 127.5)  # 8-bit rounding
     # sampling diffuses latents, and the images decode their nearest codes at the unscaled size (or, with
     # sample.quantize_latents false, the latents themselves)
@@ -114,7 +113,7 @@ def test_latent_variant_encodes_diffuses_and_decodes_through_the_tokenizer(runs,
                               (False, tokenizer.decode_latents(unscaled))):
         cfg.sample.quantize_latents = quantize
         images = pipe(PROMPTS, torch.Generator().manual_seed(0), progress=False, steps=3)
-        torch.testing.assert_close(torch.stack([_image_tensor(image, 32) for image in images]), decoded,
+        torch.testing.assert_close(torch.stack([image_tensor(image, 32) for image in images]), decoded,
                                    rtol=0, atol=1.5 / 127.5)
     assert not torch.equal(tokenizer.decode(tokenizer.nearest_tokens(unscaled)), tokenizer.decode_latents(unscaled))
 

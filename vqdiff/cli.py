@@ -53,8 +53,8 @@ def sample_ddpm_command(argv: list[str]) -> None:
     parser.add_argument("--gif", default=None, help="also write a denoising-progress animation")
     args = parser.parse_intermixed_args(argv)
     from .images import save_gif
-    from .pipeline import DDPMPipeline, ddpm_picture, save_picture
-    pipe = DDPMPipeline.from_checkpoint(args.checkpoint, device=args.device)
+    from .pipeline import DDPMPipeline, save_picture
+    pipe = DDPMPipeline.from_pretrained(args.checkpoint, device=args.device)
     steps = _steps(args.steps)
     if args.gif:
         frames = pipe.progress_frames(args.n, steps, args.sampler, args.eta, args.seed)
@@ -62,7 +62,7 @@ def sample_ddpm_command(argv: list[str]) -> None:
         save_picture(frames[-1], args.out)
         log.info("wrote %s and %s", args.out, args.gif)
     else:
-        save_picture(ddpm_picture(pipe.cfg, pipe(args.n, steps, args.sampler, args.eta, args.seed)), args.out)
+        save_picture(pipe.picture(pipe(args.n, steps, args.sampler, args.eta, args.seed)), args.out)
         log.info("wrote %s", args.out)
 
 
@@ -154,7 +154,6 @@ def eval_shapes_command(argv: list[str]) -> dict:
     import json
     import time
     import torch
-    from tqdm.auto import tqdm
     from .data.shapes import eval_prompts
     from .eval.shapes import evaluate, make_grid
     from .pipeline import load_pipeline
@@ -166,9 +165,8 @@ def eval_shapes_command(argv: list[str]) -> dict:
     options = dict(steps=_steps(args.steps), guidance_scale=args.guidance, truncation_rate=args.truncation,
                    strategy=args.strategy)
     generator = torch.Generator(args.device).manual_seed(args.seed)
-    images, started = [], time.perf_counter()
-    for i in tqdm(range(0, len(prompts), args.batch_size), desc="sampling"):
-        images += pipe(prompts[i:i + args.batch_size], generator, progress=False, **options)
+    started = time.perf_counter()
+    images = pipe.generate(prompts, args.batch_size, generator, **options)
     seconds = time.perf_counter() - started
     report = evaluate(images, prompts)
     print(report.table())
@@ -228,7 +226,6 @@ def convert_from_diffusers_command(argv: list[str]) -> Path:
     parser.add_argument("folder", help="a local VQDiffusionPipeline folder (model_index.json); nothing is downloaded")
     parser.add_argument("--out", required=True, help="the vqdiff pipeline directory to write (replaced)")
     args = parser.parse_intermixed_args(argv)
-    from . import build
     from .interop.diffusers import DiffusersConversionError, import_pipeline
     from .models.conditioned import TextConditioned
     from .pipeline import TextToImagePipeline
@@ -236,8 +233,7 @@ def convert_from_diffusers_command(argv: list[str]) -> Path:
         cfg, tokenizer, network, text_encoder = import_pipeline(args.folder)
     except DiffusersConversionError as error:
         raise ConfigError(str(error)) from error
-    pipe = TextToImagePipeline(cfg, tokenizer, TextConditioned(network, text_encoder),
-                               build.build_discrete_diffusion(cfg, tokenizer.num_embeddings))
+    pipe = TextToImagePipeline.from_parts(cfg, tokenizer, TextConditioned(network, text_encoder))
     out = pipe.save_pretrained(args.out)
     log.info("wrote %s (vqdiff sample --model %s ...)", out, out)
     return out
@@ -257,11 +253,10 @@ def convert_official_command(argv: list[str]) -> Path:
     parser.add_argument("--trust-pickle", action="store_true",
                         help="unpickle Python objects in the file (can run code from it): only for files you trust")
     args = parser.parse_intermixed_args(argv)
-    from .interop.official import OfficialCheckpointError
-    from .pipeline import TextToImagePipeline
+    from .interop.official import OfficialCheckpointError, official_pipeline
     try:
-        pipe = TextToImagePipeline.from_official(args.checkpoint, codes_map=args.codes_map, weights=args.weights,
-                                                 trust_pickle=args.trust_pickle)
+        pipe = official_pipeline(args.checkpoint, codes_map=args.codes_map, weights=args.weights,
+                                 trust_pickle=args.trust_pickle)
     except OfficialCheckpointError as error:
         raise ConfigError(str(error)) from error
     network = pipe.model.network

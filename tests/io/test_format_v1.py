@@ -28,6 +28,6 @@ def test_saved_pipeline_folder_loads_and_samples_as_before(name, key, expected):
 
 
 def test_saved_run_checkpoint_loads_and_samples_as_before(expected):
-    pipe = DDPMPipeline.from_checkpoint(FIXTURES / "scurve_run")
+    pipe = DDPMPipeline.from_pretrained(FIXTURES / "scurve_run")
     points = pipe(n=8, seed=0, progress=False).numpy()
     np.testing.assert_allclose(points, expected["scurve"], atol=1e-4)

@@ -11,7 +11,7 @@ from ..config import ExperimentConfig
 from ..data.shapes import eval_prompts
 from ..eval.shapes import evaluate
 from ..images import make_grid
-from ..pipeline import ddpm_picture, ddpm_sample
+from ..pipeline import DDPMPipeline
 
 EVAL_BATCH = 50
 
@@ -36,7 +36,8 @@ def text_preview(pipe, generator=None) -> Image.Image:
 def ddpm_preview(cfg: ExperimentConfig, diffusion, model, generator) -> Image.Image:
     """An unconditional model's grid of train.num_sample_images images, or a scatter plot of 2000 toy points."""
     n = cfg.train.num_sample_images if cfg.data.name in IMAGE_DATA else 2000
-    return ddpm_picture(cfg, ddpm_sample(cfg, diffusion, model, n, generator))
+    pipe = DDPMPipeline(cfg, model, diffusion)
+    return pipe.picture(pipe.sample(n, generator))
 
 
 def shapes_evaluator(cfg: ExperimentConfig, make_pipeline: Callable) -> Callable | None:
@@ -47,9 +48,7 @@ def shapes_evaluator(cfg: ExperimentConfig, make_pipeline: Callable) -> Callable
     prompts = [c for c, _ in eval_prompts("val", cfg.train.eval_prompts, seed=1000, max_objects=cfg.data.max_objects)]
 
     def run(ema_model, generator) -> dict:
-        pipe, images = make_pipeline(ema_model), []
-        for i in range(0, len(prompts), EVAL_BATCH):
-            images += pipe(prompts[i:i + EVAL_BATCH], generator=generator, progress=False)
+        images = make_pipeline(ema_model).generate(prompts, EVAL_BATCH, generator, desc=None)
         groups = evaluate(images, prompts).groups
         return {name: groups[name]["image"] for name in ("all", "1 object", "2 objects") if name in groups}
 

@@ -13,8 +13,7 @@ import torch
 from ..build import (VECTOR_DATA, build_model_and_diffusion, build_time_sampler, build_train_dataset,
                      load_configured_tokenizer, token_grid)
 from ..config import ConfigError, DiffusionSpace, ExperimentConfig, ModelType, Network
-from ..gaussian_pipeline import GaussianTextToImagePipeline
-from ..pipeline import TextToImagePipeline
+from ..pipeline import GaussianTextToImagePipeline, TextToImagePipeline
 from .loop import TrainTask, default_collate
 from .previews import ddpm_preview, shapes_evaluator, text_preview
 from .vqvae_losses import VQVAELoss
@@ -146,7 +145,7 @@ def build_vq_task(cfg: ExperimentConfig) -> TrainTask:
         return diffusion.training_losses(model, x0, t, generator=generator, captions=batch["caption"])
 
     def pipeline(ema_model):
-        return TextToImagePipeline(cfg, tokenizer, ema_model, diffusion)
+        return TextToImagePipeline(cfg, ema_model, diffusion, tokenizer)
 
     return TrainTask(model=model, losses=losses, time_sampler=diffusion.time_sampler,
                      num_timesteps=diffusion.num_timesteps,
