@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from vqdiff.diffusion.discrete import MaskAndReplaceDiffusion
 from vqdiff.models.transformer import TRANSFORMER_PRESETS, DiffusionTransformer
+from vqdiff.options import Activation
 
 
 def timed(fn, device, repeats):
@@ -102,7 +103,7 @@ def main():
     parser.add_argument("--width", type=int, default=None, help="override the preset width")
     parser.add_argument("--num-heads", type=int, default=None, help="override the preset head count")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--activation", default="quick_gelu", choices=["gelu", "quick_gelu"])
+    parser.add_argument("--activation", default="quick_gelu", choices=Activation.values())
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sampling-steps", type=int, default=100)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

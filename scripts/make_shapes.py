@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vqdiff.data.shapes import SPLITS, ShapesDataset, render
-from vqdiff.eval.shapes import make_grid
+from vqdiff.eval.shapes_grid import make_grid
 
 logger = logging.getLogger("make_shapes")
 

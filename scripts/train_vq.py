@@ -3,9 +3,9 @@
 
 import sys
 
-from vqdiff.cli import _setup_logging, train_command
+from vqdiff.cli import setup_logging, train_command
 from vqdiff.config import ModelType
 
 if __name__ == "__main__":
-    _setup_logging()
+    setup_logging()
     train_command(sys.argv[1:], expect=ModelType.VQ_DIFFUSION)

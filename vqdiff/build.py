@@ -27,8 +27,8 @@ from .models.transformer import TRANSFORMER_PRESETS, DiffusionTransformer
 from .models.transformer import parameter_counts as transformer_counts
 from .models.unet import UNet
 from .models.vqvae import GumbelVQVAE
+from .options import TimeSampler
 
-TIME_SAMPLERS = {"uniform": UniformSampler, "importance": ImportanceSampler}
 IMAGE_DATA = ("cifar10", "mnist", "image_folder", "shapes")
 VECTOR_DATA = ("toy2d",)
 CAPTION_DATA = ("captions", "coco")
@@ -38,10 +38,10 @@ CAPTION_DATA = ("captions", "coco")
 
 def data_shape(cfg: ExperimentConfig, tokenizer=None) -> tuple[int, ...]:
     """Shape of one diffused example: (C, H, W) for images, (2,) for toy points, (D, h, w) for latents (from the
-    tokenizer, else from cfg.tokenizer's architecture)."""
+    tokenizer, else from cfg.vqvae's architecture)."""
     name = cfg.data.name
     if cfg.model is ModelType.DDPM and cfg.gaussian.space is DiffusionSpace.LATENT:
-        dim = tokenizer.config["embedding_dim"] if tokenizer is not None else cfg.tokenizer.embedding_dim
+        dim = tokenizer.config["embedding_dim"] if tokenizer is not None else cfg.vqvae.embedding_dim
         return (dim, *token_grid(cfg, tokenizer))
     if name in VECTOR_DATA:
         return (2,)
@@ -49,7 +49,7 @@ def data_shape(cfg: ExperimentConfig, tokenizer=None) -> tuple[int, ...]:
         return (1, cfg.data.size, cfg.data.size)
     if name in IMAGE_DATA:
         return (3, cfg.data.size, cfg.data.size)
-    raise ConfigError(f"data.name: unknown data set {name!r}; choose one of {IMAGE_DATA + VECTOR_DATA}")
+    raise ConfigError(f"data.name: unknown data set '{name}'; choose one of {IMAGE_DATA + VECTOR_DATA}")
 
 
 def build_dataset(cfg: ExperimentConfig, split: str = "train"):
@@ -61,7 +61,7 @@ def build_dataset(cfg: ExperimentConfig, split: str = "train"):
         return ShapesDataset(split=split, size=d.size, num_samples=d.num_samples, seed=d.seed,
                              max_objects=d.max_objects, paraphrase=d.paraphrase and train)
     if d.root is None:
-        raise ConfigError(f"data.root: the {d.name!r} data set needs a local folder (data.root=PATH)")
+        raise ConfigError(f"data.root: the '{d.name}' data set needs a local folder (data.root=PATH)")
     if d.name == "cifar10":
         return CIFAR10(d.root, train=train, classes=d.classes, flip=d.hflip and train)
     if d.name == "mnist":
@@ -69,7 +69,7 @@ def build_dataset(cfg: ExperimentConfig, split: str = "train"):
                      flip=d.hflip and train)
     if d.name == "image_folder":
         return ImageFolder(d.root, size=d.size)
-    raise ConfigError(f"data.name: unknown data set {d.name!r}; choose one of {IMAGE_DATA + VECTOR_DATA}")
+    raise ConfigError(f"data.name: unknown data set '{d.name}'; choose one of {IMAGE_DATA + VECTOR_DATA}")
 
 
 def build_caption_dataset(cfg: ExperimentConfig, split: str = "train"):
@@ -77,7 +77,7 @@ def build_caption_dataset(cfg: ExperimentConfig, split: str = "train"):
     same-name .txt files; "coco": data.root with annotations/captions_<split>2017.json and <split>2017/."""
     d = cfg.data
     if d.root is None:
-        raise ConfigError(f"data.root: the {d.name!r} data set needs a local folder (data.root=PATH)")
+        raise ConfigError(f"data.root: the '{d.name}' data set needs a local folder (data.root=PATH)")
     root = Path(d.root)
     if d.name == "coco":
         return CocoCaptions(root / f"{split}2017", root / "annotations" / f"captions_{split}2017.json", d.size, d.seed)
@@ -87,7 +87,7 @@ def build_caption_dataset(cfg: ExperimentConfig, split: str = "train"):
         if split != "train":
             raise ConfigError(f"data.root: {root} has no {split}/ folder for the {split!r} split")
         return caption_folder(root, d.size, d.seed)
-    raise ConfigError(f"data.name: {d.name!r} is not a captioned data set; choose one of {CAPTION_DATA}")
+    raise ConfigError(f"data.name: '{d.name}' is not a captioned data set; choose one of {CAPTION_DATA}")
 
 
 def build_tokenizer_data(cfg: ExperimentConfig, split: str = "train"):
@@ -117,8 +117,8 @@ def build_train_dataset(cfg: ExperimentConfig):
 # ---- tokenizers ------------------------------------------------------------------------------------
 
 def build_tokenizer(cfg: ExperimentConfig) -> GumbelVQVAE:
-    """A new (untrained) GumbelVQVAE from cfg.tokenizer's architecture, for images of cfg.data.size."""
-    t = cfg.tokenizer
+    """A new (untrained) GumbelVQVAE from cfg.vqvae's architecture, for images of cfg.data.size."""
+    t = cfg.vqvae
     return GumbelVQVAE(resolution=cfg.data.size, ch=t.ch, ch_mult=t.ch_mult, num_res_blocks=t.num_res_blocks,
                        attn_resolutions=t.attn_resolutions, z_channels=t.z_channels, dropout=t.dropout,
                        norm_groups=t.norm_groups, embedding_dim=t.embedding_dim, num_embeddings=t.num_embeddings,
@@ -142,20 +142,18 @@ def uses_tokenizer(cfg: ExperimentConfig) -> bool:
 
 def token_grid(cfg: ExperimentConfig, tokenizer=None) -> tuple[int, int]:
     """(h, w) of the token grid: data.size over the tokenizer's downsampling, or, without a tokenizer (before it
-    is trained), over the one cfg.tokenizer.ch_mult gives."""
-    factor = tokenizer.downsample_factor if tokenizer is not None else 2 ** (len(cfg.tokenizer.ch_mult) - 1)
+    is trained), over the one cfg.vqvae.ch_mult gives."""
+    factor = tokenizer.downsample_factor if tokenizer is not None else 2 ** (len(cfg.vqvae.ch_mult) - 1)
     side = cfg.data.size // factor
     return (side, side)
 
 
 # ---- diffusion -------------------------------------------------------------------------------------
 
-def build_time_sampler(name: str, num_timesteps: int, ema_decay: float | None = None):
+def build_time_sampler(name: TimeSampler, num_timesteps: int, ema_decay: float | None = None):
     """ema_decay: the importance sampler's moving average of L_t^2 (VQ-Diffusion: 0.9); None keeps
     improved-diffusion's mean over the last 10 losses."""
-    if name not in TIME_SAMPLERS:
-        raise ConfigError(f"time_sampler: {name!r} is not one of {sorted(TIME_SAMPLERS)}")
-    if name == "importance":
+    if TimeSampler(name) is TimeSampler.IMPORTANCE:
         return ImportanceSampler(num_timesteps, ema_decay=ema_decay)
     return UniformSampler(num_timesteps)
 
@@ -233,8 +231,6 @@ def transformer_kwargs(cfg: ExperimentConfig) -> dict:
     tc = cfg.transformer
     size = dict(num_layers=tc.num_layers, width=tc.width, num_heads=tc.num_heads)
     if tc.preset is not None:
-        if tc.preset not in TRANSFORMER_PRESETS:
-            raise ConfigError(f"transformer.preset: {tc.preset!r} is not one of {sorted(TRANSFORMER_PRESETS)}")
         size = dict(TRANSFORMER_PRESETS[tc.preset])
     return dict(size, num_steps=cfg.discrete.num_timesteps, time_embedding=tc.time_embedding,
                 mlp_activation=tc.mlp_activation, mlp_ratio=tc.mlp_ratio, mask_text_padding=tc.mask_text_padding,
@@ -278,7 +274,7 @@ def parameter_counts(cfg: ExperimentConfig, num_classes: int | None = None) -> d
     """Parameters per part of a config's networks, built on the meta device (instant, no memory).
 
     For VQ-Diffusion, K comes from `num_classes`, else the tokenizer at tokenizer.path, else
-    tokenizer.num_embeddings; the grid is data.size over the tokenizer's downsampling."""
+    vqvae.num_embeddings; the grid is data.size over the tokenizer's downsampling."""
     if (cfg.model is ModelType.VQ_DIFFUSION or is_text_ddpm(cfg)) and cfg.text.backend == "open_clip":
         cfg = copy.deepcopy(cfg)
         cfg.text.weights = "none"  # counting needs the architecture only, not the local weights file
@@ -289,7 +285,7 @@ def parameter_counts(cfg: ExperimentConfig, num_classes: int | None = None) -> d
         if cfg.model is ModelType.VQ_DIFFUSION:
             if tokenizer is not None:
                 num_classes = num_classes or tokenizer.num_embeddings
-            model = build_vq_model(cfg, num_classes or cfg.tokenizer.num_embeddings, token_grid(cfg, tokenizer))
+            model = build_vq_model(cfg, num_classes or cfg.vqvae.num_embeddings, token_grid(cfg, tokenizer))
             counts = {f"transformer.{k}": v for k, v in transformer_counts(model.network).items()}
             counts["text_encoder"] = count_parameters(model.text_encoder)
             return counts

@@ -6,12 +6,13 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, ModelType, load_config
+from .options import Sampler, SamplingStrategy
 
 log = logging.getLogger("vqdiff")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
 
@@ -45,7 +46,7 @@ def sample_ddpm_command(argv: list[str]) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--steps", default=None, help="sampling steps: 50, or 'ddim50' (default: the config's)")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default=None)
+    parser.add_argument("--sampler", choices=Sampler.values(), default=None)
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
@@ -74,11 +75,11 @@ def sample_command(argv: list[str]) -> None:
     parser.add_argument("--n", type=int, default=1, help="images per prompt")
     parser.add_argument("--steps", default=None,
                         help="network calls (default: the config's, else T); Gaussian models also 'ddim25'")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default=None, help="Gaussian models only")
+    parser.add_argument("--sampler", choices=Sampler.values(), default=None, help="Gaussian models only")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     parser.add_argument("--truncation", type=float, default=None, help="keep this share of p(x0|xt) per token")
     parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--strategy", choices=("ancestral", "purity"), default=None)
+    parser.add_argument("--strategy", choices=SamplingStrategy.values(), default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
@@ -141,11 +142,11 @@ def eval_shapes_command(argv: list[str]) -> dict:
     parser.add_argument("--steps", default=None, help="e.g. 25; Gaussian models also 'ddim25'")
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--truncation", type=float, default=None)
-    parser.add_argument("--strategy", choices=("ancestral", "purity"), default=None)
+    parser.add_argument("--strategy", choices=SamplingStrategy.values(), default=None)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompt-seed", type=int, default=1000,
-                        help="which prompts (1000: the README's); another set checks a choice is not tuned to them")
+                        help="which prompts (1000: those of docs/results.md); another set checks a choice is not tuned to them")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="cast the transformer (see vqdiff sample)")
     parser.add_argument("--grid", default=None, help="PNG of the first 48 prompts and outputs, wrong objects outlined")
@@ -155,7 +156,8 @@ def eval_shapes_command(argv: list[str]) -> dict:
     import time
     import torch
     from .data.shapes import eval_prompts
-    from .eval.shapes import evaluate, make_grid
+    from .eval.shapes import evaluate
+    from .eval.shapes_grid import make_grid
     from .pipeline import load_pipeline
     pipe = load_pipeline(args.checkpoint, device=args.device,
                          dtype=getattr(torch, args.dtype) if args.dtype else None)
@@ -300,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
               "  eval-shapes  score a text-to-image model on shapes prompts (attribute accuracy, img/s)\n"
               "  convert      released checkpoints and diffusers folders <-> vqdiff pipeline folders")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    _setup_logging()
+    setup_logging()
     try:
         COMMANDS[argv[0]](argv[1:])
     except (ConfigError, FileNotFoundError) as e:

@@ -35,13 +35,13 @@ def data(n=64):
 
 def small_gan_loss(cfg):
     # one PatchGAN layer with 8 channels: the default 3 layers need images of 32 px or more
-    t = cfg.tokenizer
+    t = cfg.vqvae
     return VQVAELoss(disc_weight=t.disc_weight, disc_start=t.disc_start, disc_layers=1, disc_channels=8)
 
 
 def run(cfg, resume=None, val=None):
     torch.manual_seed(cfg.seed)
-    loss = small_gan_loss(cfg) if cfg.tokenizer.disc_weight > 0 else tasks.build_vqvae_loss(cfg)
+    loss = small_gan_loss(cfg) if cfg.vqvae.disc_weight > 0 else tasks.build_vqvae_loss(cfg)
     return train_vqvae(cfg, build.build_tokenizer(cfg), loss, data(), resume=resume, progress=False,
                        val_dataset=val)
 
@@ -100,7 +100,7 @@ def test_resume_gives_the_same_parameters(tmp_path):
 
 def test_resume_with_another_codebook_names_the_key(tmp_path):
     run(config(tmp_path, 4))
-    with pytest.raises(CheckpointError, match="tokenizer.num_embeddings: checkpoint 32 vs config 64"):
+    with pytest.raises(CheckpointError, match="vqvae.num_embeddings: checkpoint 32 vs config 64"):
         run(config(tmp_path, 8, extra=["tokenizer.num_embeddings=64"]), resume="auto")
 
 

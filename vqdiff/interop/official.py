@@ -271,7 +271,7 @@ def pipeline_config(name: str, tokenizer, network: DiffusionTransformer, text_en
     learned_null = network.empty_text_embed is not None
     cfg = ExperimentConfig(name=name, model=ModelType.VQ_DIFFUSION, network=Network.TRANSFORMER)
     cfg.data.name, cfg.data.size = "captions", network.grid_size[0] * tokenizer.downsample_factor
-    cfg.tokenizer.path, cfg.tokenizer.num_embeddings = "tokenizer", tokenizer.num_embeddings  # inside the directory
+    cfg.tokenizer.path, cfg.vqvae.num_embeddings = "tokenizer", tokenizer.num_embeddings  # inside the directory
     cfg.text.arch, cfg.text.weights, cfg.text.trainable = text_encoder.arch, "text_encoder.safetensors", False
     cfg.text.context_length, cfg.text.normalize = text_encoder.context_length, text_encoder.normalize
     t = cfg.transformer

@@ -1,11 +1,12 @@
 """The Gumbel-softmax quantizer of the VQ-VAE tokenizer (taming's GumbelQuantize) and its temperature schedule."""
 
-import enum
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from ..options import TemperatureDecay
 
 
 def gumbel_noise(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -78,13 +79,6 @@ class GumbelQuantizer(nn.Module):
     def embed_ids(self, ids: torch.Tensor, code_map: torch.Tensor | None = None) -> torch.Tensor:
         codes = ids if code_map is None else code_map[ids]
         return self.embed(codes).permute(0, 3, 1, 2)  # [B, D, h, w]
-
-
-class TemperatureDecay(str, enum.Enum):
-    CONSTANT = "constant"
-    LINEAR = "linear"
-    EXPONENTIAL = "exponential"
-    COSINE = "cosine"
 
 
 @dataclass

@@ -42,7 +42,7 @@ def build_task(cfg: ExperimentConfig) -> TrainTask:
 
 
 def build_vqvae_loss(cfg: ExperimentConfig) -> VQVAELoss:
-    t = cfg.tokenizer
+    t = cfg.vqvae
     return VQVAELoss(recon=t.recon, codebook_weight=t.codebook_weight, disc_weight=t.disc_weight,
                      disc_start=t.disc_start, perceptual_weight=t.perceptual_weight,
                      perceptual_path=t.perceptual_path)
