@@ -8,33 +8,14 @@ Peak memory is CUDA's max allocated on a GPU, the process's peak RSS on a CPU.
 """
 
 import argparse
-import resource
-import time
 
 import torch
 
 from vqdiff.diffusion.gaussian import GaussianDiffusion
 from vqdiff.diffusion.schedules import beta_schedule
 from vqdiff.errors import script_main
+from vqdiff.eval.bench import peak_memory_bytes, reset_peak_memory, seconds_per_call
 from vqdiff.models.unet import UNet, unet_preset
-
-
-def timed(fn, iters: int, device) -> float:
-    fn()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters
-
-
-def peak_memory_mib(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main(argv=None) -> None:
@@ -67,12 +48,11 @@ def main(argv=None) -> None:
             with autocast:
                 diffusion.p_sample(model, x0, t)
 
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        train_s = timed(train_step, args.iters, device)
-        step_s = timed(sample_step, args.iters, device)
+        reset_peak_memory(device)
+        train_s = seconds_per_call(train_step, args.iters, device)
+        step_s = seconds_per_call(sample_step, args.iters, device)
         print(f"| {batch} | {1 / train_s:.3g} | {batch / (1000 * step_s):.3g} | {batch / (50 * step_s):.3g} "
-              f"| {peak_memory_mib(device):.0f} |")
+              f"| {peak_memory_bytes(device) / 2**20:.0f} |")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU benchmark of the README in one go (about 6 minutes on an H100/H200); tables go to stdout and to
+# Every GPU benchmark of docs/benchmarks.md in one go (about 6 minutes on an H100/H200); tables go to stdout and to
 # ${1:-outputs/bench_gpu}/*.md. Uses $PYTHON (default python3) with vqdiff importable.
 #   bash scripts/bench_gpu.sh [OUT_DIR]
 set -euo pipefail

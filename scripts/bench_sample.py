@@ -115,7 +115,8 @@ def random_setup(name: str, batch: int, device):
 
 def checkpoint_setup(path: str, batch: int, device):
     """(network, diffusion, text, null text) of a trained model: its preview prompts through its text encoder."""
-    from vqdiff.pipeline import TextToImagePipeline, preview_prompts
+    from vqdiff.pipeline import TextToImagePipeline
+    from vqdiff.train.previews import preview_prompts
     pipe = TextToImagePipeline.from_pretrained(path, device)
     prompts = (preview_prompts(pipe.cfg) * batch)[:batch]
     with torch.no_grad():

@@ -11,6 +11,7 @@ import time
 import torch
 
 from vqdiff.errors import script_main
+from vqdiff.eval.bench import synchronize
 from vqdiff.models.vqvae import GUMBEL_F8_CONFIG, GumbelVQVAE
 
 SHAPES_64 = dict(resolution=64, ch=64, ch_mult=[1, 2, 2], num_res_blocks=2, attn_resolutions=[16], z_channels=64,
@@ -19,11 +20,6 @@ CONFIGS = {
     "shapes 64px f4 (16x16 tokens)": (SHAPES_64, dict(cpu=8, cuda=64)),
     "Gumbel f8 256px (32x32 tokens)": (GUMBEL_F8_CONFIG, dict(cpu=2, cuda=16)),
 }
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def images_per_second(fn, batch: int, warmup: int, iters: int, device: torch.device):

@@ -12,7 +12,6 @@ turns, `--repeats` times, and the table gives the fastest turn (least disturbed 
 
 import argparse
 import contextlib
-import time
 
 import torch
 
@@ -20,7 +19,8 @@ from vqdiff.build import build_discrete_diffusion, build_vq_model, token_grid
 from vqdiff.config import load_config
 from vqdiff.data.shapes import ShapesDataset
 from vqdiff.errors import script_main
-from vqdiff.train.tokenizer_io import load_tokenizer
+from vqdiff.eval.bench import seconds_per_call
+from vqdiff.io.tokenizer import load_tokenizer
 
 
 def model_size(cfg, num_classes):
@@ -65,12 +65,7 @@ def main(argv=None):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        for _ in range(3):
-            step()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        return (time.perf_counter() - start) / args.steps
+        return seconds_per_call(step, args.steps, warmup=3)
 
     variants = [(False, False), (False, True), (True, False), (True, True)]
     times = {v: [] for v in variants}

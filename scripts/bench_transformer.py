@@ -13,37 +13,15 @@ Random weights and random text features [B, 77, 512]; K = 2887 codes, 32x32 toke
 
 import argparse
 import contextlib
-import resource
-import time
 
 import torch
 import torch.nn.functional as F
 
 from vqdiff.diffusion.discrete import MaskAndReplaceDiffusion
 from vqdiff.errors import script_main
+from vqdiff.eval.bench import peak_memory_bytes, reset_peak_memory, seconds_per_call
 from vqdiff.models.transformer import TRANSFORMER_PRESETS, DiffusionTransformer
-
-
-def timed(fn, device, repeats):
-    """Mean seconds per call after one warm-up call."""
-    fn()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / repeats
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory_gib(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (KiB -> GiB)
+from vqdiff.options import Activation
 
 
 def bench(args, preset, batch, device):
@@ -74,24 +52,22 @@ def bench(args, preset, batch, device):
     with torch.inference_mode(), autocast:
         model.eval()
         cached = model.cache_text(text)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        forward = timed(lambda: model(x, t, text=text), device, args.repeats)
-        forward_cached = timed(lambda: model(x, t, **cached), device, args.repeats)
-        cache_once = timed(lambda: model.cache_text(text), device, args.repeats)
-        forward_memory = peak_memory_gib(device)
+        reset_peak_memory(device)
+        forward = seconds_per_call(lambda: model(x, t, text=text), args.repeats, device)
+        forward_cached = seconds_per_call(lambda: model(x, t, **cached), args.repeats, device)
+        cache_once = seconds_per_call(lambda: model.cache_text(text), args.repeats, device)
+        forward_memory = peak_memory_bytes(device) / 2**30
     model.train()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    backward = timed(train_step, device, args.repeats)
-    full_loss = timed(full_loss_step, device, args.repeats)
+    reset_peak_memory(device)
+    backward = seconds_per_call(train_step, args.repeats, device)
+    full_loss = seconds_per_call(full_loss_step, args.repeats, device)
     steps = args.sampling_steps
     saving = steps * forward - (cache_once + steps * forward_cached)
     tokens = batch * 1024
     print(f"{preset:>2} L{config['num_layers']:<3} W{config['width']:<5} batch {batch:<3} {args.dtype:<9} "
           f"fwd {tokens / forward:9.0f} tok/s ({forward * 1e3:7.1f} ms, cached {forward_cached * 1e3:7.1f} ms)  "
           f"fwd+bwd {tokens / backward:9.0f} tok/s ({backward * 1e3:7.1f} ms, full loss {full_loss * 1e3:7.1f} ms)  "
-          f"peak fwd {forward_memory:5.2f} / train {peak_memory_gib(device):5.2f} GiB  "
+          f"peak fwd {forward_memory:5.2f} / train {peak_memory_bytes(device) / 2**30:5.2f} GiB  "
           f"K/V cache saves {saving:6.2f} s over {steps} steps ({saving / (steps * forward) * 100:4.1f}%)")
 
 
@@ -103,7 +79,7 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=None, help="override the preset width")
     parser.add_argument("--num-heads", type=int, default=None, help="override the preset head count")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--activation", default="quick_gelu", choices=["gelu", "quick_gelu"])
+    parser.add_argument("--activation", default="quick_gelu", choices=Activation.values())
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sampling-steps", type=int, default=100)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

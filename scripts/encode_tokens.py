@@ -13,7 +13,7 @@ import logging
 from vqdiff import build
 from vqdiff.config import load_config
 from vqdiff.errors import script_main
-from vqdiff.train.tokenizer_io import encode_token_cache
+from vqdiff.io.token_cache import encode_token_cache
 
 log = logging.getLogger("encode_tokens")
 

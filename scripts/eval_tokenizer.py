@@ -21,8 +21,8 @@ from tqdm import tqdm
 from vqdiff.data.shapes import ShapesDataset
 from vqdiff.errors import script_main
 from vqdiff.eval.shapes import evaluate
+from vqdiff.io.tokenizer import load_tokenizer
 from vqdiff.images import make_grid
-from vqdiff.train.tokenizer_io import load_tokenizer
 from vqdiff.train.vqvae_loop import image_loader, reconstruct
 from vqdiff.train.vqvae_losses import psnr
 

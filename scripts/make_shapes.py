@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from vqdiff.data.shapes import SPLITS, ShapesDataset, render
 from vqdiff.errors import script_main
-from vqdiff.eval.shapes import make_grid
+from vqdiff.eval.shapes_grid import make_grid
 
 logger = logging.getLogger("make_shapes")
 

@@ -14,6 +14,7 @@ import json
 from vqdiff.data.shapes import eval_prompts
 from vqdiff.errors import script_main
 from vqdiff.eval.trace import trace_sampling
+from vqdiff.options import SamplingStrategy
 from vqdiff.pipeline import TextToImagePipeline
 
 
@@ -26,7 +27,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--truncation", type=float, default=None)
-    parser.add_argument("--strategy", choices=("ancestral", "purity"), default=None)
+    parser.add_argument("--strategy", choices=SamplingStrategy.values(), default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="also write the result here")

@@ -3,10 +3,10 @@
     accelerate launch scripts/train_ddpm.py --config configs/ddpm_scurve.yaml [key=value ...]
 """
 
-from vqdiff.cli import _setup_logging, train_command
+from vqdiff.cli import setup_logging, train_command
 from vqdiff.config import ModelType
 from vqdiff.errors import script_main
 
 if __name__ == "__main__":
-    _setup_logging()
+    setup_logging()
     script_main(lambda argv: train_command(argv, expect=ModelType.DDPM), "train_ddpm.py")

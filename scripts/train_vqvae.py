@@ -12,6 +12,7 @@ import torch
 from vqdiff import build
 from vqdiff.config import ConfigError, ModelType, load_config
 from vqdiff.errors import script_main
+from vqdiff.train.tasks import build_vqvae_loss
 from vqdiff.train.vqvae_loop import train_vqvae
 
 log = logging.getLogger("train_vqvae")
@@ -32,7 +33,7 @@ def main(argv=None) -> None:
     if cfg.model is not ModelType.VQVAE:
         raise ConfigError(f"{args.config} configures a {cfg.model.value!r} model; this script trains 'vqvae'")
     torch.manual_seed(cfg.seed)
-    model, loss = build.build_tokenizer(cfg), build.build_vqvae_loss(cfg)
+    model, loss = build.build_tokenizer(cfg), build_vqvae_loss(cfg)
     dataset = build.build_tokenizer_data(cfg, "train")
     val = None
     if args.val_images > 0:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from vqdiff.models.vqvae import GumbelVQVAE
-from vqdiff.train.tokenizer_io import save_tokenizer
+from vqdiff.io.tokenizer import save_tokenizer
 
 # One intra-op thread per test process: the suite runs two processes (pytest -n 2) on two cores, and
 # small ops spend more time in OpenMP hand-offs than in arithmetic when threads outnumber cores.

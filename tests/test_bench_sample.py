@@ -67,7 +67,7 @@ def test_side_by_side_with_a_pipeline_folder(tmp_path, tokenizer_dir):
     tokenizer = build.load_configured_tokenizer(cfg)
     torch.manual_seed(0)
     model = build.build_vq_model(cfg, tokenizer.num_embeddings, build.token_grid(cfg, tokenizer))
-    pipe = TextToImagePipeline(cfg, tokenizer, model, build.build_discrete_diffusion(cfg, tokenizer.num_embeddings))
+    pipe = TextToImagePipeline(cfg, model, build.build_discrete_diffusion(cfg, tokenizer.num_embeddings), tokenizer)
     folder = pipe.save_pretrained(tmp_path / "pipe")
     out = bench_against("--checkpoint", str(folder), "--batch", "2")
     check_side_by_side(out)

@@ -1,3 +1,6 @@
+import enum
+import re
+
 import pytest
 
 from vqdiff.config import ConfigError, ExperimentConfig, ModelType, load_config, save_config, to_dict
@@ -70,8 +73,8 @@ def test_mixed_precision_is_checked_and_a_bare_no_reads_as_no(tmp_path):
 
 
 def test_tokenizer_encoder_is_checked():
-    assert load_config(None, ["tokenizer.encoder=patch"]).tokenizer.encoder.value == "patch"
-    with pytest.raises(ConfigError, match="tokenizer.encoder: 'conv' is not one of \\['taming', 'patch'\\]"):
+    assert load_config(None, ["tokenizer.encoder=patch"]).vqvae.encoder.value == "patch"
+    with pytest.raises(ConfigError, match="vqvae.encoder: 'conv' is not one of \\['taming', 'patch'\\]"):
         load_config(None, ["tokenizer.encoder=conv"])
 
 
@@ -88,3 +91,45 @@ def test_shapes_augmentation_is_for_tokenizer_training_only():
     train, val = build.build_dataset(tok, "train"), build.build_dataset(tok, "val")
     assert (train.extent_range, train.shift, train.flip) == ((0.5, 1.5), 2.0, True)
     assert (val.extent_range, val.shift, val.flip) == (None, 0.0, False)
+
+
+CLOSED_SETS = {"sample.strategy": "purity", "sample.sampler": "ddim", "gaussian.mean_type": "velocity",
+               "gaussian.var_type": "learned_range", "gaussian.loss_type": "hybrid", "gaussian.beta_schedule": "cosine",
+               "gaussian.time_sampler": "importance", "discrete.schedule": "absorbing",
+               "discrete.time_sampler": "uniform", "text.backend": "hf", "vqvae.recon": "l2",
+               "vqvae.temperature_decay": "cosine", "transformer.time_embedding": "sinusoidal",
+               "transformer.mlp_activation": "quick_gelu", "transformer.preset": "B", "data.name": "toy2d",
+               "data.toy": "moons"}
+
+
+@pytest.mark.parametrize("key", sorted(CLOSED_SETS))
+def test_a_closed_option_set_is_checked_at_load(key):
+    section, name = key.split(".")
+    cfg = load_config(None, [f"{key}={CLOSED_SETS[key]}"])
+    value = getattr(getattr(cfg, section), name)
+    assert value == CLOSED_SETS[key] and isinstance(value, enum.Enum)
+    allowed = ", ".join(repr(m.value) for m in type(value))
+    with pytest.raises(ConfigError, match=re.escape(f"{key}: 'typo' is not one of [{allowed}]")):
+        load_config(None, [f"{key}=typo"])
+
+
+def test_the_cli_offers_the_config_enums_choices(capsys):
+    from vqdiff import cli
+    from vqdiff.options import Sampler, SamplingStrategy
+    for argv, option, values in ((["sample", "--help"], "--strategy", SamplingStrategy.values()),
+                                 (["sample", "--help"], "--sampler", Sampler.values()),
+                                 (["eval-shapes", "--help"], "--strategy", SamplingStrategy.values())):
+        with pytest.raises(SystemExit):
+            cli.COMMANDS[argv[0]](argv[1:])
+        assert f"{option} {{{','.join(values)}}}" in capsys.readouterr().out
+
+
+def test_the_tokenizer_to_train_is_its_own_section_and_older_files_load(tmp_path):
+    older = write(tmp_path, "tokenizer:\n  path: runs/tok\n  ch_mult: [1, 2]\n  num_embeddings: 16\n")
+    cfg = load_config(older, ["tokenizer.embedding_dim=8", "vqvae.z_channels=4"])
+    assert cfg.tokenizer.path == "runs/tok" and not hasattr(cfg.tokenizer, "ch_mult")
+    assert (cfg.vqvae.ch_mult, cfg.vqvae.num_embeddings, cfg.vqvae.embedding_dim, cfg.vqvae.z_channels) == ([1, 2], 16, 8, 4)
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+    with pytest.raises(ConfigError, match="tokenizer.ch and vqvae.ch: one setting given twice"):
+        load_config(older, ["tokenizer.ch=8", "vqvae.ch=16"])

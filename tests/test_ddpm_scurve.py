@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from vqdiff import build, cli
+from vqdiff.train import tasks
 from vqdiff.config import load_config
 from vqdiff.data.toy2d import sample_toy2d, sliced_wasserstein
 from vqdiff.pipeline import DDPMPipeline
-from vqdiff.train.checkpoint import CheckpointError, latest_checkpoint, load_weights
+from vqdiff.io.checkpoint import CheckpointError, latest_checkpoint, load_weights
 from vqdiff.train.loop import train
 
 
@@ -19,15 +20,15 @@ def scurve_config(tmp_path, name, steps, *extra):
 
 
 def run(cfg, **kwargs):
-    build.seed_everything(cfg.seed)
-    return train(cfg, build.build_task(cfg), build.build_dataset(cfg), progress=False, **kwargs)
+    tasks.seed_everything(cfg.seed)
+    return train(cfg, tasks.build_task(cfg), build.build_dataset(cfg), progress=False, **kwargs)
 
 
 @pytest.mark.slow
 def test_scurve_ddpm_learns(tmp_path):
     cfg = scurve_config(tmp_path, "learn", 1500, "train.lr=2e-3", "train.ema_decay=0.99")
     run(cfg)
-    pipe = DDPMPipeline.from_checkpoint(cfg.run_dir)
+    pipe = DDPMPipeline.from_pretrained(cfg.run_dir)
     samples = pipe(n=2000, seed=1, progress=False)
     held_out = sample_toy2d("scurve", 2000, seed=123)
     noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0)).numpy()

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from vqdiff import build, cli
+from vqdiff.train import tasks
 from vqdiff.config import DiffusionSpace, load_config
 from vqdiff.eval.compare import time_to_accuracy
-from vqdiff.gaussian_pipeline import GaussianTextToImagePipeline
-from vqdiff.pipeline import _image_tensor, load_pipeline
+from vqdiff.pipeline import GaussianTextToImagePipeline, image_tensor, load_pipeline
 from vqdiff.train.loop import default_collate, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,8 +36,9 @@ def tiny_config(root: Path, name: str, latent: bool, tokenizer_dir: Path, *extra
 
 
 def run(cfg):
-    build.seed_everything(cfg.seed)
-    task = build.build_task(cfg)
+    tasks.seed_everything(cfg.seed)
+    cfg = tasks.prepare_config(cfg)
+    task = tasks.build_task(cfg)
     return train(cfg, task, build.build_train_dataset(cfg), progress=False)
 
 
@@ -95,13 +96,13 @@ def test_latent_variant_encodes_diffuses_and_decodes_through_the_tokenizer(runs,
     assert cfg.gaussian.space is DiffusionSpace.LATENT and pipe.shape == (16, 8, 8)
     # the scale saved with the run is 1 / std of the first training latents: they have unit variance
     batch = default_collate([build.build_train_dataset(cfg)[i] for i in range(16)])
-    latents = build.ddpm_latents(tokenizer, batch, (8, 8))
+    latents = tasks.ddpm_latents(tokenizer, batch, (8, 8))
     assert latents.shape == (16, 16, 8, 8)
     assert abs((latents * cfg.gaussian.latent_scale).std().item() - 1) < 1e-3
     assert load_config(runs["latent"] / "config.yaml").gaussian.latent_scale == cfg.gaussian.latent_scale
     # decoding the scaled latents of images gives the tokenizer's reconstruction of them
     reconstruction = tokenizer.decode(tokenizer.encode(batch["image"][:2]))
-    decoded = torch.stack([_image_tensor(image, 32) for image in pipe.decode(latents[:2] * cfg.gaussian.latent_scale)])
+    decoded = torch.stack([image_tensor(image, 32) for image in pipe.decode(latents[:2] * cfg.gaussian.latent_scale)])
     torch.testing.assert_close(decoded, reconstruction, rtol=0, atol=1.5 / 127.5)  # 8-bit rounding
     # sampling diffuses latents, and the images decode their nearest codes at the unscaled size (or, with
     # sample.quantize_latents false, the latents themselves)
@@ -112,7 +113,7 @@ def test_latent_variant_encodes_diffuses_and_decodes_through_the_tokenizer(runs,
                               (False, tokenizer.decode_latents(unscaled))):
         cfg.sample.quantize_latents = quantize
         images = pipe(PROMPTS, torch.Generator().manual_seed(0), progress=False, steps=3)
-        torch.testing.assert_close(torch.stack([_image_tensor(image, 32) for image in images]), decoded,
+        torch.testing.assert_close(torch.stack([image_tensor(image, 32) for image in images]), decoded,
                                    rtol=0, atol=1.5 / 127.5)
     assert not torch.equal(tokenizer.decode(tokenizer.nearest_tokens(unscaled)), tokenizer.decode_latents(unscaled))
 

@@ -12,7 +12,7 @@ import torch
 from vqdiff.data.shapes import ShapesDataset
 from vqdiff.data.tokens import TokenDataset, dataset_fingerprint
 from vqdiff.eval.shapes import evaluate
-from vqdiff.train.tokenizer_io import load_tokenizer
+from vqdiff.io.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.size=16", "data.num_samples=24", "data.batch_size=4", "tokenizer.ch=8", "tokenizer.ch_mult=[1,2]",

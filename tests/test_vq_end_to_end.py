@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from vqdiff import build, cli
+from vqdiff.train import tasks
 from vqdiff.config import load_config
 from vqdiff.eval.probe import ATTRIBUTE_VALUES, probe_attributes
 from vqdiff.eval.shapes import evaluate
 from vqdiff.eval.trace import COLUMNS, trace_sampling
 from vqdiff.models.vqvae import GumbelVQVAE
-from vqdiff.pipeline import TextToImagePipeline, _image_tensor
-from vqdiff.train.checkpoint import CheckpointError, latest_checkpoint, load_weights
+from vqdiff.pipeline import TextToImagePipeline, image_tensor
+from vqdiff.io.checkpoint import CheckpointError, latest_checkpoint, load_weights
 from vqdiff.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,8 +35,8 @@ def tiny_overrides(tmp_path, tokenizer_dir, name, steps):
 
 
 def run(cfg, **kwargs):
-    build.seed_everything(cfg.seed)
-    return train(cfg, build.build_task(cfg), build.build_train_dataset(cfg), progress=False, **kwargs)
+    tasks.seed_everything(cfg.seed)
+    return train(cfg, tasks.build_task(cfg), build.build_train_dataset(cfg), progress=False, **kwargs)
 
 
 def test_train_resume_and_sample(tmp_path, tokenizer_dir, monkeypatch, capsys):
@@ -97,7 +98,7 @@ def test_inpainting_keeps_the_known_tokens(tmp_path, tokenizer_dir):
     run(cfg)
     pipe = TextToImagePipeline.from_pretrained(cfg.run_dir)
     image = pipe(["a large red circle at the top left"], progress=False, steps=2)[0]
-    known = pipe.tokenizer.encode(_image_tensor(image, 32)[None]).flatten(1)
+    known = pipe.tokenizer.encode(image_tensor(image, 32)[None]).flatten(1)
     mask = image.convert("L").point(lambda v: 0)
     mask.paste(255, (16, 0, 32, 32))  # right half regenerated: token columns 4..7
     captured = []
@@ -116,7 +117,7 @@ def test_inpainting_keeps_the_known_tokens(tmp_path, tokenizer_dir):
 
 def test_token_cache_trains_and_is_checked(tmp_path, tokenizer_dir):
     from vqdiff.data.tokens import CacheMismatch
-    from vqdiff.train.tokenizer_io import encode_token_cache
+    from vqdiff.io.token_cache import encode_token_cache
     overrides = tiny_overrides(tmp_path, tokenizer_dir, "e", 2)
     cfg = load_config(ROOT / "configs/shapes_tiny.yaml", overrides)
     encode_token_cache(tokenizer_dir, build.build_tokenizer_data(cfg), tmp_path / "tokens", progress=False)
@@ -137,7 +138,7 @@ def test_parts_that_do_not_fit_are_named(tmp_path, tokenizer_dir):
     other = GumbelVQVAE(resolution=32, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
                         z_channels=16, embedding_dim=16, num_embeddings=24, norm_groups=8)
     with pytest.raises(CheckpointError, match="tokenizer has 24 codes but the transformer predicts 16"):
-        TextToImagePipeline(pipe.cfg, other, pipe.model, pipe.diffusion)
+        TextToImagePipeline(pipe.cfg, pipe.model, pipe.diffusion, other)
     saved = pipe.save_pretrained(tmp_path / "p")
     (saved / "text_encoder.safetensors").unlink()
     with pytest.raises(CheckpointError, match="missing text_encoder.safetensors"):

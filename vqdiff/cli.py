@@ -7,13 +7,14 @@ from pathlib import Path
 
 from .config import ConfigError, ModelType, load_config
 from .errors import UserError, run_main
+from .options import Sampler, SamplingStrategy
 from .validation import check_counts, check_sampling_options, parse_steps
 
 log = logging.getLogger("vqdiff")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
 
@@ -29,15 +30,16 @@ def train_command(argv: list[str], expect: ModelType | None = None) -> Path:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     args = parser.parse_intermixed_args(argv)
-    from . import build
+    from .build import build_train_dataset
     from .train.loop import train
+    from .train.tasks import build_task, prepare_config, seed_everything
     cfg = load_config(args.config, args.overrides)
     if expect is not None and cfg.model is not expect:
         raise ConfigError(f"{args.config} configures a {cfg.model.value!r} model; this script trains "
                           f"{expect.value!r} models")
-    build.seed_everything(cfg.seed)
-    task = build.build_task(cfg)
-    run_dir = train(cfg, task, build.build_train_dataset(cfg), resume=args.resume, init_from=args.init_from,
+    seed_everything(cfg.seed)
+    cfg = prepare_config(cfg)
+    run_dir = train(cfg, build_task(cfg), build_train_dataset(cfg), resume=args.resume, init_from=args.init_from,
                     progress=not args.no_progress, overwrite=args.overwrite)
     log.info("run directory: %s (checkpoints/, samples/, log.jsonl)", run_dir)
     return run_dir
@@ -48,7 +50,7 @@ def sample_ddpm_command(argv: list[str]) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--steps", default=None, help="sampling steps: 50, or 'ddim50' (default: the config's)")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default=None)
+    parser.add_argument("--sampler", choices=Sampler.values(), default=None)
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
@@ -59,8 +61,8 @@ def sample_ddpm_command(argv: list[str]) -> None:
     check_sampling_options(eta=args.eta)
     steps = parse_steps(args.steps)
     from .images import save_gif
-    from .pipeline import DDPMPipeline, ddpm_picture, save_picture
-    pipe = DDPMPipeline.from_checkpoint(args.checkpoint, device=args.device)
+    from .pipeline import DDPMPipeline, save_picture
+    pipe = DDPMPipeline.from_pretrained(args.checkpoint, device=args.device)
     if args.gif:
         frames = pipe.progress_frames(args.n, steps, args.sampler, args.eta, args.seed)
         save_gif(frames, args.gif)
@@ -71,7 +73,7 @@ def sample_ddpm_command(argv: list[str]) -> None:
         if not bool(samples.isfinite().all()):
             raise UserError(f"the samples of {args.checkpoint} hold NaN or infinite values: its weights are broken "
                             "(a diverged run?); nothing was written")
-        save_picture(ddpm_picture(pipe.cfg, samples), args.out)
+        save_picture(pipe.picture(samples), args.out)
         log.info("wrote %s", args.out)
 
 
@@ -83,11 +85,11 @@ def sample_command(argv: list[str]) -> None:
     parser.add_argument("--n", type=int, default=1, help="images per prompt")
     parser.add_argument("--steps", default=None,
                         help="network calls (default: the config's, else T); Gaussian models also 'ddim25'")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default=None, help="Gaussian models only")
+    parser.add_argument("--sampler", choices=Sampler.values(), default=None, help="Gaussian models only")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     parser.add_argument("--truncation", type=float, default=None, help="keep this share of p(x0|xt) per token")
     parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--strategy", choices=("ancestral", "purity"), default=None)
+    parser.add_argument("--strategy", choices=SamplingStrategy.values(), default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
@@ -153,11 +155,11 @@ def eval_shapes_command(argv: list[str]) -> dict:
     parser.add_argument("--steps", default=None, help="e.g. 25; Gaussian models also 'ddim25'")
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--truncation", type=float, default=None)
-    parser.add_argument("--strategy", choices=("ancestral", "purity"), default=None)
+    parser.add_argument("--strategy", choices=SamplingStrategy.values(), default=None)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompt-seed", type=int, default=1000,
-                        help="which prompts (1000: the README's); another set checks a choice is not tuned to them")
+                        help="which prompts (1000: those of docs/results.md); another set checks a choice is not tuned to them")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="cast the transformer (see vqdiff sample)")
     parser.add_argument("--grid", default=None, help="PNG of the first 48 prompts and outputs, wrong objects outlined")
@@ -169,9 +171,9 @@ def eval_shapes_command(argv: list[str]) -> dict:
     import json
     import time
     import torch
-    from tqdm.auto import tqdm
     from .data.shapes import eval_prompts
-    from .eval.shapes import evaluate, make_grid
+    from .eval.shapes import evaluate
+    from .eval.shapes_grid import make_grid
     from .pipeline import load_pipeline
     pipe = load_pipeline(args.checkpoint, device=args.device,
                          dtype=getattr(torch, args.dtype) if args.dtype else None)
@@ -181,9 +183,8 @@ def eval_shapes_command(argv: list[str]) -> dict:
     options = dict(steps=steps, guidance_scale=args.guidance, truncation_rate=args.truncation,
                    strategy=args.strategy)
     generator = torch.Generator(args.device).manual_seed(args.seed)
-    images, started = [], time.perf_counter()
-    for i in tqdm(range(0, len(prompts), args.batch_size), desc="sampling"):
-        images += pipe(prompts[i:i + args.batch_size], generator, progress=False, **options)
+    started = time.perf_counter()
+    images = pipe.generate(prompts, args.batch_size, generator, **options)
     seconds = time.perf_counter() - started
     report = evaluate(images, prompts)
     print(report.table())
@@ -237,7 +238,6 @@ def convert_from_diffusers_command(argv: list[str]) -> Path:
     parser.add_argument("folder", help="a local VQDiffusionPipeline folder (model_index.json); nothing is downloaded")
     parser.add_argument("--out", required=True, help="the vqdiff pipeline directory to write (replaced)")
     args = parser.parse_intermixed_args(argv)
-    from . import build
     from .interop.diffusers import DiffusersConversionError, import_pipeline
     from .models.conditioned import TextConditioned
     from .pipeline import TextToImagePipeline
@@ -245,8 +245,7 @@ def convert_from_diffusers_command(argv: list[str]) -> Path:
         cfg, tokenizer, network, text_encoder = import_pipeline(args.folder)
     except DiffusersConversionError as error:
         raise ConfigError(str(error)) from error
-    pipe = TextToImagePipeline(cfg, tokenizer, TextConditioned(network, text_encoder),
-                               build.build_discrete_diffusion(cfg, tokenizer.num_embeddings))
+    pipe = TextToImagePipeline.from_parts(cfg, tokenizer, TextConditioned(network, text_encoder))
     out = pipe.save_pretrained(args.out)
     log.info("wrote %s (vqdiff sample --model %s ...)", out, out)
     return out
@@ -266,11 +265,10 @@ def convert_official_command(argv: list[str]) -> Path:
     parser.add_argument("--trust-pickle", action="store_true",
                         help="unpickle Python objects in the file (can run code from it): only for files you trust")
     args = parser.parse_intermixed_args(argv)
-    from .interop.official import OfficialCheckpointError
-    from .pipeline import TextToImagePipeline
+    from .interop.official import OfficialCheckpointError, official_pipeline
     try:
-        pipe = TextToImagePipeline.from_official(args.checkpoint, codes_map=args.codes_map, weights=args.weights,
-                                                 trust_pickle=args.trust_pickle)
+        pipe = official_pipeline(args.checkpoint, codes_map=args.codes_map, weights=args.weights,
+                                 trust_pickle=args.trust_pickle)
     except OfficialCheckpointError as error:
         raise ConfigError(str(error)) from error
     network = pipe.model.network
@@ -315,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
               "  eval-shapes  score a text-to-image model on shapes prompts (attribute accuracy, img/s)\n"
               "  convert      released checkpoints and diffusers folders <-> vqdiff pipeline folders")
         return 0 if command in ("-h", "--help") else 2
-    _setup_logging()
+    setup_logging()
     # run_main takes --debug out of the arguments; the command is then the first one left
     return run_main(lambda args: COMMANDS[command](args[1:]), argv, prog=f"vqdiff {command}")
 

@@ -16,6 +16,9 @@ import yaml
 
 from .errors import ConfigError
 from .validation import check_config
+from .options import (Activation, BetaSchedule, DataName, DiscreteSchedule, LossType, MeanType, ReconLoss, Sampler,
+                      SamplingStrategy, TemperatureDecay, TextBackend, TimeEmbedding, TimeSampler, Toy2D,
+                      TransformerPreset, VarType)
 
 FORMAT_VERSION = 1
 
@@ -34,7 +37,7 @@ class LRSchedule(str, enum.Enum):
 class MixedPrecision(str, enum.Enum):
     NO = "no"
     FP16 = "fp16"
-    BF16 = "bf16"  # also on the CPU: 1.8x the float32 steps/s of configs/shapes.yaml (scripts/bench_train.py)
+    BF16 = "bf16"  # bfloat16 autocast over float32 weights, also on a CPU with AVX-512 BF16
 
 
 class TokenizerEncoder(str, enum.Enum):
@@ -55,12 +58,12 @@ class Network(str, enum.Enum):
 
 @dataclass
 class DataConfig:
-    name: str = "shapes"             # shapes | toy2d | cifar10 | mnist | image_folder
+    name: DataName = DataName.SHAPES
     root: str | None = None          # local folder for cifar10 / mnist / image_folder
     size: int = 64                   # image side in pixels
     num_samples: int = 20000         # generated data sets (shapes, toy2d)
     seed: int = 0
-    toy: str = "scurve"              # toy2d: scurve | swissroll | moons
+    toy: Toy2D = Toy2D.SCURVE         # toy2d: which 2-D distribution
     max_objects: int = 2             # shapes: 1 or 2 objects per image
     paraphrase: bool = False         # shapes: varied caption templates
     classes: list[int] | None = None  # keep only these labels (per-class fine-tuning)
@@ -99,8 +102,15 @@ class MLPConfig:
 
 @dataclass
 class TokenizerConfig:
-    """The Gumbel VQ-VAE: its architecture and training losses (model: vqvae), or `path` to a trained one."""
+    """`tokenizer:` the trained tokenizer a model encodes and decodes with (VQ-Diffusion, latent DDPM)."""
     path: str | None = None          # a trained tokenizer directory (config.json + model.safetensors)
+
+
+@dataclass
+class VQVAEConfig:
+    """`vqvae:` the Gumbel VQ-VAE to train (model: vqvae), its architecture and training losses. Before a tokenizer
+    is trained, `vqdiff info` reads the token grid (ch_mult) and latent width (embedding_dim) from here.
+    Older configs hold these keys under `tokenizer:`; they load as before (split_tokenizer_section)."""
     encoder: TokenizerEncoder = TokenizerEncoder.TAMING
     decoder: TokenizerEncoder = TokenizerEncoder.TAMING  # patch: each code decodes to its own f x f pixels
     ch: int = 64
@@ -118,8 +128,8 @@ class TokenizerConfig:
     temperature_start: float = 1.0
     temperature_end: float = 0.0625
     temperature_steps: int = 5000
-    temperature_decay: str = "exponential"  # constant | linear | exponential | cosine
-    recon: str = "l1"                # l1 | l2
+    temperature_decay: TemperatureDecay = TemperatureDecay.EXPONENTIAL
+    recon: ReconLoss = ReconLoss.L1
     # the last N training steps train the decoder alone on the argmax codes that encoding will give (the
     # Gumbel samples of training differ from them, most at a high temperature); encoder and codebook frozen
     decoder_finetune_steps: int = 0
@@ -133,23 +143,23 @@ class TokenizerConfig:
 
 @dataclass
 class TextEncoderConfig:
-    backend: str = "open_clip"       # open_clip | hf
+    backend: TextBackend = TextBackend.OPEN_CLIP
     arch: str = "clip-text-small"    # an open_clip model name (ViT-B-32, ...) or clip-text-small
     weights: str = "none"            # local weights file / HF directory; "none" = random init
     context_length: int = 77
     normalize: bool = True           # L2-normalise each token's features, as VQ-Diffusion
-    feature_scale: float = 1.0       # then multiply them by this (a tower trained here: sqrt(width), see README)
+    feature_scale: float = 1.0       # then multiply them by this (sqrt(width) for a tower trained from scratch)
     trainable: bool = False          # train jointly (the embedded configs: no pretrained CLIP offline)
 
 
 @dataclass
 class TransformerConfig:
-    preset: str | None = None        # S | B | F | L: sets num_layers, width, num_heads
+    preset: TransformerPreset | None = None  # sets num_layers, width, num_heads
     num_layers: int = 4
     width: int = 256
     num_heads: int = 8
-    time_embedding: str = "table"    # table (learned per step, as released) | sinusoidal
-    mlp_activation: str = "gelu"     # gelu | quick_gelu (released)
+    time_embedding: TimeEmbedding = TimeEmbedding.TABLE
+    mlp_activation: Activation = Activation.GELU
     mlp_ratio: float = 4.0
     mask_text_padding: bool = True   # released models attend to all 77 positions (False)
     null_text_embedding: bool = True  # learned unconditional text for classifier-free guidance
@@ -162,23 +172,23 @@ class TransformerConfig:
 @dataclass
 class DiscreteDiffusionConfig:
     num_timesteps: int = 100
-    schedule: str = "released"       # released | paper | absorbing
+    schedule: DiscreteSchedule = DiscreteSchedule.RELEASED
     aux_weight: float = 5.0e-4
     adaptive_aux_weight: bool = True
     mask_weight: list[float] = field(default_factory=lambda: [1.0, 1.0])
-    time_sampler: str = "importance"  # importance | uniform
+    time_sampler: TimeSampler = TimeSampler.IMPORTANCE
 
 
 @dataclass
 class GaussianDiffusionConfig:
     num_timesteps: int = 1000
-    beta_schedule: str = "linear"    # linear | cosine | quadratic | sigmoid
+    beta_schedule: BetaSchedule = BetaSchedule.LINEAR
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    mean_type: str = "epsilon"       # epsilon | start_x | previous_x | velocity
-    var_type: str = "fixed_large"    # fixed_large | fixed_small | learned | learned_range
-    loss_type: str = "mse"           # mse | rescaled_mse | kl | rescaled_kl | hybrid
-    time_sampler: str = "uniform"    # uniform | importance
+    mean_type: MeanType = MeanType.EPSILON  # what the network predicts
+    var_type: VarType = VarType.FIXED_LARGE
+    loss_type: LossType = LossType.MSE
+    time_sampler: TimeSampler = TimeSampler.UNIFORM
     space: DiffusionSpace = DiffusionSpace.PIXEL
     latent_scale: float | None = None  # latent: 1 / std of the latents; None = measured on a batch at the start
 
@@ -213,13 +223,13 @@ class TrainConfig:
 class SampleConfig:
     steps: int | None = None         # None: every training step
     guidance_scale: float = 1.0
-    sampler: str = "ddpm"            # Gaussian: ddpm | ddim
+    sampler: Sampler = Sampler.DDPM  # Gaussian
     eta: float = 0.0                 # Gaussian DDIM
     clip_denoised: bool = True       # Gaussian
     quantize_latents: bool = True    # Gaussian latent: decode the nearest codes, as latent diffusion
     truncation_rate: float = 1.0     # discrete: keep this much of p(x0|x_t) per token
     temperature: float = 1.0         # discrete
-    strategy: str = "ancestral"      # discrete: ancestral | purity
+    strategy: SamplingStrategy = SamplingStrategy.ANCESTRAL  # discrete
 
 
 @dataclass
@@ -232,6 +242,7 @@ class ExperimentConfig:
     format_version: int = FORMAT_VERSION
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     discrete: DiscreteDiffusionConfig = field(default_factory=DiscreteDiffusionConfig)
@@ -262,10 +273,30 @@ def load_config(path: "str | Path | None" = None, overrides: "list[str] | None" 
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     for item in overrides or []:
         apply_override(data, item)
+    if cls is ExperimentConfig:
+        data = split_tokenizer_section(data)
     config = from_dict(cls, data, where=str(path) if path else "config")
     if cls is ExperimentConfig:
         check_config(config)
     return config
+
+
+def split_tokenizer_section(data: dict) -> dict:
+    """Configs written before `vqvae:` existed (and checkpoints saved by them) hold the tokenizer to train under
+    `tokenizer:`: those keys move to `vqvae:`, so every such file loads unchanged."""
+    tokenizer = data.get("tokenizer")
+    names = {f.name for f in dataclasses.fields(VQVAEConfig)}
+    if not isinstance(tokenizer, dict) or not names & set(tokenizer):
+        return data
+    vqvae = data.get("vqvae") or {}
+    if not isinstance(vqvae, dict):
+        raise ConfigError(f"vqvae: expected a mapping for VQVAEConfig, got {vqvae!r}")
+    twice = sorted(names & set(tokenizer) & set(vqvae))
+    if twice:
+        raise ConfigError(f"tokenizer.{twice[0]} and vqvae.{twice[0]}: one setting given twice; keep vqvae.{twice[0]}")
+    moved = {k: v for k, v in tokenizer.items() if k in names}
+    kept = {k: v for k, v in tokenizer.items() if k not in names}
+    return {**data, "tokenizer": kept, "vqvae": {**vqvae, **moved}}
 
 
 def apply_override(data: dict, item: str) -> None:

@@ -82,7 +82,7 @@ def check_config(cfg) -> None:
     probability("unet.text_drop_prob", u.text_drop_prob)
     at_least("mlp.hidden", cfg.mlp.hidden, 1)
     at_least("mlp.num_layers", cfg.mlp.num_layers, 1)
-    _check_tokenizer(cfg.tokenizer)
+    _check_tokenizer(cfg.vqvae)
     at_least("text.context_length", cfg.text.context_length, 1)
     positive("text.feature_scale", cfg.text.feature_scale)
     at_least("discrete.num_timesteps", cfg.discrete.num_timesteps, 1)
@@ -131,15 +131,15 @@ def _check_train(t) -> None:
 
 def _check_tokenizer(t) -> None:
     for key in ("ch", "z_channels", "embedding_dim", "num_embeddings", "norm_groups", "num_res_blocks"):
-        at_least(f"tokenizer.{key}", getattr(t, key), 1)
+        at_least(f"vqvae.{key}", getattr(t, key), 1)
     for i, mult in enumerate(t.ch_mult):
-        at_least(f"tokenizer.ch_mult[{i}]", mult, 1)
-    in_range("tokenizer.dropout", t.dropout, 0.0, 1.0)
-    positive("tokenizer.temperature_start", t.temperature_start)
-    positive("tokenizer.temperature_end", t.temperature_end)
+        at_least(f"vqvae.ch_mult[{i}]", mult, 1)
+    in_range("vqvae.dropout", t.dropout, 0.0, 1.0)
+    positive("vqvae.temperature_start", t.temperature_start)
+    positive("vqvae.temperature_end", t.temperature_end)
     for key in ("temperature_steps", "decoder_finetune_steps", "disc_start", "kl_weight", "codebook_weight",
                 "disc_weight", "perceptual_weight", "trim_min_count"):
-        at_least(f"tokenizer.{key}", getattr(t, key), 0)
+        at_least(f"vqvae.{key}", getattr(t, key), 0)
 
 
 def _check_sample(s, prefix: str) -> None:

@@ -8,7 +8,8 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from vqdiff.data.shapes import COLOURS, SPLITS, Object, ShapesDataset, caption, render, render_array
-from vqdiff.eval.shapes import ATTRIBUTES, detect_objects, evaluate, image_array, make_grid, score_image
+from vqdiff.eval.shapes import ATTRIBUTES, detect_objects, evaluate, image_array, score_image
+from vqdiff.eval.shapes_grid import make_grid
 
 
 def rendered(n_per_split, size=64, seed=11):

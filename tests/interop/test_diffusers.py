@@ -15,7 +15,7 @@ from vqdiff.models.text import CLIPTextEncoder
 from vqdiff.models.patch_vqgan import PatchVQGAN
 from vqdiff.models.vqvae import GumbelVQVAE
 from vqdiff.pipeline import TextToImagePipeline
-from vqdiff.train.tokenizer_io import save_tokenizer
+from vqdiff.io.tokenizer import save_tokenizer
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -52,11 +52,11 @@ def tiny_pipeline(tmp_path, variant: str, extra=()) -> TextToImagePipeline:
                              "transformer.num_heads=4", "transformer.mask_text_padding=false",
                              "discrete.num_timesteps=10", *spec["overrides"], *extra])
     tokenizer = build.load_configured_tokenizer(cfg)
-    model = build.build_vq_model(cfg, tokenizer.num_embeddings, build.token_grid(cfg, tokenizer))
+    model, diffusion = build.build_model_and_diffusion(cfg, tokenizer)
     with torch.no_grad():
         for tensor in model.network.state_dict().values():  # tables and norms too, not just the linears
             tensor.copy_(torch.randn_like(tensor) * 0.3)
-    return TextToImagePipeline(cfg, tokenizer, model, build.build_discrete_diffusion(cfg, tokenizer.num_embeddings))
+    return TextToImagePipeline(cfg, model, diffusion, tokenizer)
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))

@@ -12,7 +12,7 @@ import torch
 from vqdiff.cli import main
 from vqdiff.interop.official import (OfficialCheckpointError, load_codec, load_ithq_codec,
                                      load_official, load_text_encoder, load_transformer, network_state,
-                                     read_checkpoint)
+                                     official_pipeline, read_checkpoint)
 from vqdiff.models.patch_vqgan import ITHQ_CONFIG, PatchVQGAN
 from vqdiff.models.transformer import DiffusionTransformer
 from vqdiff.pipeline import TextToImagePipeline
@@ -266,7 +266,7 @@ def test_ithq_codec_round_trip_and_brute_force_quantizer(tmp_path):
                                    rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(decoded, codec.decoder(latent.float()).clamp(-1, 1), rtol=1e-4, atol=1e-4)
         assert torch.equal(decoded, source.decode(tokens))
-    from vqdiff.train.tokenizer_io import load_tokenizer, save_tokenizer
+    from vqdiff.io.tokenizer import load_tokenizer, save_tokenizer
     loaded = load_tokenizer(save_tokenizer(codec, tmp_path / "tok"))
     assert isinstance(loaded, PatchVQGAN)
     with torch.no_grad():
@@ -424,13 +424,13 @@ def test_null_text_follows_the_key_and_bad_files_are_refused(tmp_path, caplog):
     checkpoint["ema"]["transformer.blocks.0.extra.weight"] = torch.zeros(1)
     torch.save(checkpoint, path)
     with pytest.raises(OfficialCheckpointError) as error:
-        TextToImagePipeline.from_official(path, tmp_path / "map.pt")
+        official_pipeline(path, tmp_path / "map.pt")
     assert "missing: blocks.1.mlp.2.bias" in str(error.value)
     assert "unexpected: blocks.0.extra.weight" in str(error.value)
     del checkpoint["ema"]
     torch.save(checkpoint, path)
     with pytest.raises(OfficialCheckpointError, match="no ema entry.*--weights model"):
-        TextToImagePipeline.from_official(path, tmp_path / "map.pt")
+        official_pipeline(path, tmp_path / "map.pt")
 
 
 def test_ithq_like_file_converts_with_its_patch_vqgan(tmp_path):
@@ -440,7 +440,7 @@ def test_ithq_like_file_converts_with_its_patch_vqgan(tmp_path):
     released_file(path, ithq_codec_state(codec), num_classes=codec.num_embeddings)
     with pytest.raises(OfficialCheckpointError, match="takes no codes map"):
         load_official(path, codes_map=torch.zeros(48, dtype=torch.long))
-    saved = TextToImagePipeline.from_official(path).save_pretrained(tmp_path / "ithq")
+    saved = official_pipeline(path).save_pretrained(tmp_path / "ithq")
     pipe = TextToImagePipeline.from_pretrained(saved)
     assert isinstance(pipe.tokenizer, PatchVQGAN) and pipe.cfg.data.size == 8
     tokens = torch.randint(0, 48, (2, SIDE, SIDE), generator=torch.Generator().manual_seed(4))

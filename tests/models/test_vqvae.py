@@ -302,7 +302,7 @@ def test_nearest_tokens_is_the_brute_force_nearest_code_and_inverts_embed_tokens
 def test_patch_encoder_codes_depend_on_their_own_patch_only(tmp_path):
     """encoder="patch": a token's pre-quantisation features, hence its code, change when a pixel of its own f x f
     patch changes and never when any other pixel does (float64); the choice survives save/load and trimming."""
-    from vqdiff.train.tokenizer_io import load_tokenizer, save_tokenizer
+    from vqdiff.io.tokenizer import load_tokenizer, save_tokenizer
     model = tiny_model(encoder="patch").double()
     x = images(1).double()
     features = model.quant_conv(model.encoder(x))  # [1, 16, 8, 8]; f = 2
@@ -324,7 +324,7 @@ def test_patch_encoder_codes_depend_on_their_own_patch_only(tmp_path):
 def test_patch_decoder_draws_each_patch_from_its_own_code_only(tmp_path):
     """decoder="patch": changing one latent changes exactly its own f x f pixels of the image (float64); with the
     patch encoder the whole tokenizer is patch-local; the choice survives save/load."""
-    from vqdiff.train.tokenizer_io import load_tokenizer, save_tokenizer
+    from vqdiff.io.tokenizer import load_tokenizer, save_tokenizer
     model = tiny_model(encoder="patch", decoder="patch").double()
     z = torch.randn(1, model.config["z_channels"], 8, 8, dtype=torch.float64)
     out = model.decoder(z)  # [1, 3, 16, 16]; f = 2
@@ -346,7 +346,7 @@ def test_factored_codebook_is_a_product_of_two_categoricals(tmp_path):
     """tokenizer.factors=[F, S]: softmax over the F * S code logits equals the outer product of the two factors'
     softmaxes (float64), code i * S + j embeds as [row i of the first table, row j of the second], every code
     survives trimming at min_count=0 and save/load, and a bad factorisation is refused."""
-    from vqdiff.train.tokenizer_io import load_tokenizer, save_tokenizer
+    from vqdiff.io.tokenizer import load_tokenizer, save_tokenizer
     model = tiny_model(num_embeddings=24, factors=[6, 4]).double()
     z = model.quant_conv(model.encoder(images(2).double()))
     parts = model.quantize.proj(z)

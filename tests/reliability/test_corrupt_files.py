@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from vqdiff import cli
-from vqdiff.train import checkpoint as checkpoint_module
-from vqdiff.train.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_torch, load_weights,
+from vqdiff.io import checkpoint as checkpoint_module
+from vqdiff.io.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_torch, load_weights,
                                      save_checkpoint)
-from vqdiff.train.tokenizer_io import load_tokenizer
+from vqdiff.io.tokenizer import load_tokenizer
 
 
 def truncate(path):

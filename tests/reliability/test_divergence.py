@@ -6,7 +6,8 @@ import torch
 
 from vqdiff import build, cli
 from vqdiff.config import load_config
-from vqdiff.train.checkpoint import list_checkpoints, load_weights
+from vqdiff.io.checkpoint import list_checkpoints, load_weights
+from vqdiff.train import tasks
 from vqdiff.train.guard import TrainingDiverged
 from vqdiff.train.loop import train
 
@@ -23,9 +24,9 @@ def test_huge_learning_rate_on_the_scurve_stops_at_once(tmp_path):
     cfg = load_config("configs/ddpm_scurve.yaml", [
         f"out_dir={tmp_path / 'r'}", "train.max_steps=40", "train.lr=1e6", "train.warmup_steps=0",
         "train.checkpoint_every=5", "train.sample_every=0", "gaussian.num_timesteps=50", "data.num_samples=600"])
-    build.seed_everything(0)
+    tasks.seed_everything(0)
     with pytest.raises(TrainingDiverged, match=r"at step \d+; stopped without saving. Last good checkpoint: none"):
-        train(cfg, build.build_task(cfg), build.build_dataset(cfg), progress=False)
+        train(cfg, tasks.build_task(cfg), build.build_dataset(cfg), progress=False)
     assert list_checkpoints(cfg.run_dir) == []
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from vqdiff.io.manifest import directory_problems
-from vqdiff.train.checkpoint import latest_checkpoint, list_checkpoints, load_torch, load_weights
+from vqdiff.io.checkpoint import latest_checkpoint, list_checkpoints, load_torch, load_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 100

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from vqdiff import cli
-from vqdiff.train.checkpoint import list_checkpoints
+from vqdiff.io.checkpoint import list_checkpoints
 from vqdiff.train.run_dir import RunExistsError
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 from vqdiff import build, cli
 from vqdiff.config import ConfigError, load_config, save_config
 from vqdiff.errors import run_main
+from vqdiff.train import tasks
 from vqdiff.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
     ("transformer.num_heads=3", "transformer.num_heads"), ("sample.truncation_rate=0", "sample.truncation_rate"),
     ("sample.temperature=0", "sample.temperature"), ("sample.guidance_scale=.nan", "sample.guidance_scale"),
     ("gaussian.num_timesteps=0", "gaussian.num_timesteps"), ("unet.dropout=1", "unet.dropout"),
-    ("train.lr=-1", "train.lr"), ("tokenizer.temperature_end=0", "tokenizer.temperature_end"),
+    ("train.lr=-1", "train.lr"), ("vqvae.temperature_end=0", "vqvae.temperature_end"),
 ])
 def test_out_of_range_config_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=rf"^{key}") as caught:
@@ -47,8 +48,8 @@ def vq_run(tmp_path_factory, tokenizer_dir):
         f"out_dir={tmp / 'run'}", f"tokenizer.path={tokenizer_dir}", "train.max_steps=1", "train.sample_every=0",
         "data.batch_size=2", "data.num_samples=8", "transformer.width=32", "transformer.num_heads=2",
         "transformer.num_layers=1", "discrete.num_timesteps=4", "sample.steps=null", "data.tokens=null"])
-    build.seed_everything(0)
-    return train(cfg, build.build_task(cfg), build.build_train_dataset(cfg), progress=False)
+    tasks.seed_everything(0)
+    return train(cfg, tasks.build_task(cfg), build.build_train_dataset(cfg), progress=False)
 
 
 def errors_logged(caplog):

@@ -10,7 +10,7 @@ from torch import nn
 
 from vqdiff.config import load_config
 from vqdiff.diffusion.timestep_sampler import ImportanceSampler
-from vqdiff.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_weights
+from vqdiff.io.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_weights
 from vqdiff.train.loop import StepBatchSampler, TrainingDiverged, TrainTask, train
 
 T = 8

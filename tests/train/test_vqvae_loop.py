@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from vqdiff import build
+from vqdiff.train import tasks
 from vqdiff.config import load_config
 from vqdiff.data.shapes import ShapesDataset
 from vqdiff.models.vqvae import GumbelVQVAE
-from vqdiff.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_weights
+from vqdiff.io.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_weights
 from vqdiff.train.loop import TrainingDiverged
-from vqdiff.train.tokenizer_io import load_tokenizer, save_tokenizer
+from vqdiff.io.tokenizer import load_tokenizer, save_tokenizer
 from vqdiff.train.vqvae_loop import train_vqvae
 from vqdiff.train.vqvae_losses import VQVAELoss
 
@@ -34,13 +35,13 @@ def data(n=64):
 
 def small_gan_loss(cfg):
     # one PatchGAN layer with 8 channels: the default 3 layers need images of 32 px or more
-    t = cfg.tokenizer
+    t = cfg.vqvae
     return VQVAELoss(disc_weight=t.disc_weight, disc_start=t.disc_start, disc_layers=1, disc_channels=8)
 
 
 def run(cfg, resume=None, val=None):
     torch.manual_seed(cfg.seed)
-    loss = small_gan_loss(cfg) if cfg.tokenizer.disc_weight > 0 else build.build_vqvae_loss(cfg)
+    loss = small_gan_loss(cfg) if cfg.vqvae.disc_weight > 0 else tasks.build_vqvae_loss(cfg)
     return train_vqvae(cfg, build.build_tokenizer(cfg), loss, data(), resume=resume, progress=False,
                        val_dataset=val)
 
@@ -99,7 +100,7 @@ def test_resume_gives_the_same_parameters(tmp_path):
 
 def test_resume_with_another_codebook_names_the_key(tmp_path):
     run(config(tmp_path, 4))
-    with pytest.raises(CheckpointError, match="tokenizer.num_embeddings: checkpoint 32 vs config 64"):
+    with pytest.raises(CheckpointError, match="vqvae.num_embeddings: checkpoint 32 vs config 64"):
         run(config(tmp_path, 8, extra=["tokenizer.num_embeddings=64"]), resume="auto")
 
 
@@ -119,7 +120,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
 
     model.forward = poisoned
     with pytest.raises(TrainingDiverged, match="generator loss is nan at step 6.*step_00000004"):
-        train_vqvae(cfg, model, build.build_vqvae_loss(cfg), data(), progress=False)
+        train_vqvae(cfg, model, tasks.build_vqvae_loss(cfg), data(), progress=False)
     assert [p.name for p in list_checkpoints(cfg.run_dir)] == ["step_00000004"]
     load_weights(latest_checkpoint(cfg.run_dir) / "model.safetensors")
     assert not (cfg.run_dir / "tokenizer").exists()

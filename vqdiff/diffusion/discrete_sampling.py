@@ -7,19 +7,14 @@ token at the last). `X0Distribution` gives both without building the guided, tem
 [B, K, N] distribution; tokens are drawn by inverse CDF. Work and memory stay O(B K N), no per-token loops.
 """
 
-import enum
 
 import torch
 from tqdm.auto import tqdm
 
+from ..options import SamplingStrategy
 from .guidance import guided_call
 from .losses import shifted_exp, stable_softmax
 from .truncation import truncate
-
-
-class SamplingStrategy(str, enum.Enum):
-    ANCESTRAL = "ancestral"  # x_s ~ sum_x0 q(x_s | x_t, x0) p(x0 | x_t)
-    PURITY = "purity"  # reveal a fixed count of masked tokens per step, purest first (Tang et al. 2022)
 
 
 def sampling_timesteps(num_timesteps: int, steps: int | None = None) -> list[int]:

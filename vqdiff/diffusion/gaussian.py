@@ -8,49 +8,19 @@ learned variance it returns twice the data's channels on dim 1 (mean part first,
 Data are images `[B, C, H, W]` or vectors `[B, D]`; nothing assumes a number of dimensions.
 """
 
-import enum
 import math
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
+from ..options import LossType, MeanType, Sampler, VarType
 from .guidance import guide, guided_call
 from .losses import discretized_gaussian_log_likelihood, gaussian_log_likelihood, mean_flat, normal_kl
 from .respace import respace_betas, space_timesteps, validate_timesteps
+from .tensors import check_timesteps, extract, noise_like, nonzero, randn, sample_device
 
 LOG2 = math.log(2.0)
-
-
-class MeanType(str, enum.Enum):
-    """What the network's mean part predicts."""
-    EPSILON = "epsilon"        # the noise (Ho et al. 2020)
-    START_X = "start_x"        # x_0
-    PREVIOUS_X = "previous_x"  # the posterior mean of x_{t-1}
-    VELOCITY = "velocity"      # v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022)
-
-
-class VarType(str, enum.Enum):
-    """How the reverse-step variance is chosen."""
-    FIXED_LARGE = "fixed_large"      # beta_t (with the posterior variance at t = 0 for a finite log)
-    FIXED_SMALL = "fixed_small"      # the posterior variance beta_tilde_t
-    LEARNED = "learned"              # the network outputs log sigma^2
-    LEARNED_RANGE = "learned_range"  # the network outputs v in [-1, 1] between the two (N&D eq. 15)
-
-
-class LossType(str, enum.Enum):
-    MSE = "mse"                    # L_simple; + L_vlb term with a learned variance (weight 1)
-    RESCALED_MSE = "rescaled_mse"  # as MSE with the vb term scaled by T / 1000 (improved-diffusion)
-    KL = "kl"                      # the variational bound L_vlb alone
-    RESCALED_KL = "rescaled_kl"    # L_vlb scaled by T / 1000
-    HYBRID = "hybrid"              # L_simple + lambda * L_vlb (N&D eq. 16), stop-gradient on the mean
-
-
-class Sampler(str, enum.Enum):
-    DDPM = "ddpm"  # ancestral sampling from p(x_{t-1} | x_t)
-    DDIM = "ddim"  # Song et al. 2021 eq. 12; eta = 0 deterministic, eta = 1 the DDPM posterior
-
-
 LEARNED_VARIANCES = (VarType.LEARNED, VarType.LEARNED_RANGE)
 
 
@@ -136,62 +106,62 @@ class GaussianDiffusion:
 
     def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor):
         """Mean, variance and log-variance of q(x_t | x_0) (Ho et al. 2020 eq. 4)."""
-        mean = _extract(self.sqrt_alphas_cumprod, t, x0) * x0
-        variance = _extract(1.0 - self.alphas_cumprod, t, x0)
-        log_variance = _extract(torch.log1p(-self.alphas_cumprod), t, x0)
+        mean = extract(self.sqrt_alphas_cumprod, t, x0) * x0
+        variance = extract(1.0 - self.alphas_cumprod, t, x0)
+        log_variance = extract(torch.log1p(-self.alphas_cumprod), t, x0)
         return mean, variance, log_variance
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)."""
-        _check_timesteps(t, x0)
-        noise = _noise_like(x0, noise, generator)
-        return (_extract(self.sqrt_alphas_cumprod, t, x0) * x0
-                + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+        check_timesteps(t, x0)
+        noise = noise_like(x0, noise, generator)
+        return (extract(self.sqrt_alphas_cumprod, t, x0) * x0
+                + extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
 
     def q_posterior_mean_variance(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (Ho et al. 2020 eq. 6-7)."""
-        mean = (_extract(self.posterior_mean_coef1, t, xt) * x0
-                + _extract(self.posterior_mean_coef2, t, xt) * xt)
-        variance = _extract(self.posterior_variance, t, xt)
-        log_variance = _extract(self.posterior_log_variance_clipped, t, xt)
+        mean = (extract(self.posterior_mean_coef1, t, xt) * x0
+                + extract(self.posterior_mean_coef2, t, xt) * xt)
+        variance = extract(self.posterior_variance, t, xt)
+        log_variance = extract(self.posterior_log_variance_clipped, t, xt)
         return mean, variance, log_variance
 
     # ---- conversions between parameterisations (all given x_t) --------------------------------
 
     def predict_xstart_from_eps(self, xt, t, eps):
-        return (_extract(self.sqrt_recip_alphas_cumprod, t, xt) * xt
-                - _extract(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps)
+        return (extract(self.sqrt_recip_alphas_cumprod, t, xt) * xt
+                - extract(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps)
 
     def predict_eps_from_xstart(self, xt, t, pred_xstart):
-        return ((_extract(self.sqrt_recip_alphas_cumprod, t, xt) * xt - pred_xstart)
-                / _extract(self.sqrt_recipm1_alphas_cumprod, t, xt))
+        return ((extract(self.sqrt_recip_alphas_cumprod, t, xt) * xt - pred_xstart)
+                / extract(self.sqrt_recipm1_alphas_cumprod, t, xt))
 
     def predict_xstart_from_v(self, xt, t, v):
-        return (_extract(self.sqrt_alphas_cumprod, t, xt) * xt
-                - _extract(self.sqrt_one_minus_alphas_cumprod, t, xt) * v)
+        return (extract(self.sqrt_alphas_cumprod, t, xt) * xt
+                - extract(self.sqrt_one_minus_alphas_cumprod, t, xt) * v)
 
     def predict_v_from_xstart(self, xt, t, pred_xstart):
         """v = (sqrt(abar) x_t - x_0) / sqrt(1 - abar), the same v as `velocity` for the implied noise."""
-        return ((_extract(self.sqrt_alphas_cumprod, t, xt) * xt - pred_xstart)
-                / _extract(self.sqrt_one_minus_alphas_cumprod, t, xt))
+        return ((extract(self.sqrt_alphas_cumprod, t, xt) * xt - pred_xstart)
+                / extract(self.sqrt_one_minus_alphas_cumprod, t, xt))
 
     def predict_xstart_from_xprev(self, xt, t, xprev):
         """Invert the posterior mean: x_0 = (mu - coef2 x_t) / coef1."""
-        return ((xprev - _extract(self.posterior_mean_coef2, t, xt) * xt)
-                / _extract(self.posterior_mean_coef1, t, xt))
+        return ((xprev - extract(self.posterior_mean_coef2, t, xt) * xt)
+                / extract(self.posterior_mean_coef1, t, xt))
 
     def velocity(self, x0, noise, t):
         """The v-prediction target sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022)."""
-        return (_extract(self.sqrt_alphas_cumprod, t, x0) * noise
-                - _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0)
+        return (extract(self.sqrt_alphas_cumprod, t, x0) * noise
+                - extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0)
 
     # ---- the reverse process p ----------------------------------------------------------------
 
     def p_mean_variance(self, model: Callable, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
                         denoised_fn: Callable | None = None, cond: dict | None = None) -> dict:
         """p(x_{t-1} | x_t): dict of "mean", "variance", "log_variance", "pred_xstart" (all shaped like x)."""
-        _check_timesteps(t, x)
+        check_timesteps(t, x)
         out = model(x, self.model_timesteps(t), **(cond or {}))
         return self.p_mean_variance_from_output(out, x, t, clip_denoised, denoised_fn)
 
@@ -229,11 +199,11 @@ class GaussianDiffusion:
         if self.var_type is VarType.LEARNED_RANGE:
             # N&D eq. 15: interpolate log beta_tilde and log beta with v = (out + 1) / 2
             fraction = (var_out + 1.0) / 2.0
-            return (fraction * _extract(self.log_betas, t, x)
-                    + (1.0 - fraction) * _extract(self.posterior_log_variance_clipped, t, x))
+            return (fraction * extract(self.log_betas, t, x)
+                    + (1.0 - fraction) * extract(self.posterior_log_variance_clipped, t, x))
         if self.var_type is VarType.FIXED_LARGE:
-            return _extract(self.large_log_variance, t, x)
-        return _extract(self.posterior_log_variance_clipped, t, x)
+            return extract(self.large_log_variance, t, x)
+        return extract(self.posterior_log_variance_clipped, t, x)
 
     def _predict_xstart(self, mean_out, x, t):
         if self.mean_type is MeanType.EPSILON:
@@ -256,7 +226,7 @@ class GaussianDiffusion:
         have no vb term. Next to an MSE term the vb term sees the mean through a stop-gradient (N&D
         Sec. 3.1), so HYBRID with a fixed variance trains like MSE and only reports the bound.
         """
-        noise = _noise_like(x0, noise, generator)
+        noise = noise_like(x0, noise, generator)
         xt = self.q_sample(x0, t, noise)
         out = model(xt, self.model_timesteps(t), **cond)
         if self.loss_type in (LossType.KL, LossType.RESCALED_KL):
@@ -318,7 +288,7 @@ class GaussianDiffusion:
         terms = {"vb": [], "xstart_mse": [], "mse": []}
         for step in tqdm(range(self.num_timesteps), disable=not progress, desc="bits/dim"):
             t = torch.full((x0.shape[0],), step, device=x0.device, dtype=torch.long)
-            noise = _noise_like(x0, None, generator)
+            noise = noise_like(x0, None, generator)
             xt = self.q_sample(x0, t, noise)
             vb = self._vb_terms_bpd(model(xt, self.model_timesteps(t), **cond), x0, xt, t, clip_denoised)
             eps = self.predict_eps_from_xstart(xt, t, vb["pred_xstart"])
@@ -337,8 +307,8 @@ class GaussianDiffusion:
                  generator: torch.Generator | None = None) -> dict:
         """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t); no noise at t = 0."""
         p = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, cond)
-        noise = _noise_like(x, None, generator)
-        sample = p["mean"] + _nonzero(t, x) * torch.exp(0.5 * p["log_variance"]) * noise
+        noise = noise_like(x, None, generator)
+        sample = p["mean"] + nonzero(t, x) * torch.exp(0.5 * p["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": p["pred_xstart"], "mean": p["mean"],
                 "variance": p["variance"]}
 
@@ -350,14 +320,14 @@ class GaussianDiffusion:
         eps = self.predict_eps_from_xstart(x, t, p["pred_xstart"])
         variance = eta ** 2 * self.posterior_variance
         direction = torch.sqrt((1.0 - self.alphas_cumprod_prev - variance).clamp_min(0.0))
-        mean = (_extract(torch.sqrt(self.alphas_cumprod_prev), t, x) * p["pred_xstart"]
-                + _extract(direction, t, x) * eps)
+        mean = (extract(torch.sqrt(self.alphas_cumprod_prev), t, x) * p["pred_xstart"]
+                + extract(direction, t, x) * eps)
         sample = mean
         if eta != 0:
-            noise = _noise_like(x, None, generator)
-            sample = mean + _nonzero(t, x) * _extract(torch.sqrt(variance), t, x) * noise
+            noise = noise_like(x, None, generator)
+            sample = mean + nonzero(t, x) * extract(torch.sqrt(variance), t, x) * noise
         return {"sample": sample, "pred_xstart": p["pred_xstart"], "mean": mean,
-                "variance": _extract(variance, t, x)}
+                "variance": extract(variance, t, x)}
 
     @torch.no_grad()
     def sample_iter(self, model: Callable, shape: tuple, cond: dict | None = None,
@@ -377,8 +347,8 @@ class GaussianDiffusion:
         diffusion = self if steps is None else self.respace(steps)
         guided = self._guided_model(model, null_cond, guidance_scale)
         cond = cond or {}
-        device = _sample_device(device, noise, model, cond)
-        x = _randn(tuple(shape), generator, device, torch.float32) if noise is None else noise
+        device = sample_device(device, noise, model, cond)
+        x = randn(tuple(shape), generator, device, torch.float32) if noise is None else noise
         if tuple(x.shape) != tuple(shape):
             raise ValueError(f"sample: noise has shape {tuple(x.shape)}, expected {tuple(shape)}")
         for step in tqdm(reversed(range(diffusion.num_timesteps)), total=diffusion.num_timesteps,
@@ -427,48 +397,3 @@ class GaussianDiffusion:
             return torch.cat([guide(cond_mean, null_mean, guidance_scale), cond_var], dim=1)
 
         return guided
-
-
-def _extract(table: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """table[t] in x's dtype and device, broadcast to x's shape."""
-    dtype = x.dtype if x.is_floating_point() else torch.float32
-    values = table.to(device=x.device, dtype=dtype)[t.to(x.device)]  # [B]
-    return values.reshape(-1, *([1] * (x.ndim - 1))).expand(x.shape)
-
-
-def _nonzero(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """1 where t > 0, 0 at the last step, shaped to broadcast against x."""
-    return (t != 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-
-
-def _noise_like(x: torch.Tensor, noise: torch.Tensor | None, generator: torch.Generator | None):
-    """`noise` after a shape check, or a fresh standard normal draw shaped like x."""
-    if noise is None:
-        return _randn(x.shape, generator, x.device, x.dtype)
-    if noise.shape != x.shape:
-        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(x.shape)}")
-    return noise
-
-
-def _randn(shape, generator: torch.Generator | None, device, dtype) -> torch.Tensor:
-    """Standard normal draws made on the generator's device, so a CPU generator also drives a GPU run."""
-    draw_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
-
-
-def _check_timesteps(t: torch.Tensor, x: torch.Tensor) -> None:
-    if t.ndim != 1 or t.shape[0] != x.shape[0]:
-        raise ValueError(f"timesteps t must have shape [B] = [{x.shape[0]}], got {tuple(t.shape)}")
-
-
-def _sample_device(device, noise, model, cond: dict) -> torch.device:
-    """The given device, else the noise's, the network's parameters', the first conditioning tensor's, or CPU."""
-    if device is not None:
-        return torch.device(device)
-    if noise is not None:
-        return noise.device
-    parameter = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
-    if parameter is not None:
-        return parameter.device
-    tensors = [v for v in cond.values() if isinstance(v, torch.Tensor)]
-    return tensors[0].device if tensors else torch.device("cpu")

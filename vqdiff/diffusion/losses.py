@@ -17,11 +17,6 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=tuple(range(1, x.ndim)))
 
 
-def sum_flat(x: torch.Tensor) -> torch.Tensor:
-    """Sum over every dimension but the batch."""
-    return x.sum(dim=tuple(range(1, x.ndim)))
-
-
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
@@ -70,36 +65,10 @@ def log_1_min_a(a: torch.Tensor) -> torch.Tensor:
                        torch.log1p(-torch.exp(a.clamp(max=-math.log(2.0)))))
 
 
-def log_add_exp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """log(exp(a) + exp(b)), elementwise."""
-    return torch.logaddexp(a, b)
-
-
 def index_to_log_onehot(x: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Token ids `[B, N]` -> log one-hot `[B, num_classes, N]` with LOG_EPS for the zeros."""
     out = torch.full((x.shape[0], num_classes, x.shape[1]), LOG_EPS, device=x.device, dtype=dtype)
     return out.scatter_(1, x.unsqueeze(1), 0.0)
-
-
-def log_onehot_to_index(log_x: torch.Tensor) -> torch.Tensor:
-    return log_x.argmax(dim=1)
-
-
-def multinomial_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) over dim 1 of `[B, C, N]` log-probabilities -> `[B, N]` in nats."""
-    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
-
-
-def log_categorical(log_x_onehot: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
-    """sum_c x_c log p_c over dim 1 -> `[B, N]`: the log-likelihood of a (one-hot) x under p."""
-    return (log_x_onehot.exp() * log_prob).sum(dim=1)
-
-
-def log_sample_categorical(logits: torch.Tensor, generator=None) -> torch.Tensor:
-    """Sample ids `[B, N]` from log-probabilities `[B, C, N]` with the Gumbel-max trick."""
-    uniform = torch.rand(logits.shape, device=logits.device, generator=generator)
-    gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-30)).clamp_min(1e-30))
-    return (logits + gumbel).argmax(dim=1)
 
 
 def shifted_exp(logits: torch.Tensor, dim: int = 1, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

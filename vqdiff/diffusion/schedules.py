@@ -4,18 +4,12 @@ Gaussian: beta_t for t = 0..T-1 (Ho et al. 2020; cosine from Nichol & Dhariwal 2
 Discrete: the mask-and-replace tables of VQ-Diffusion (Gu et al. 2022, eq. 4-5).
 """
 
-import enum
 import math
 from dataclasses import dataclass
 
 import torch
 
-
-class BetaSchedule(str, enum.Enum):
-    LINEAR = "linear"
-    COSINE = "cosine"
-    QUADRATIC = "quadratic"
-    SIGMOID = "sigmoid"
+from ..options import BetaSchedule
 
 
 def beta_schedule(name: "BetaSchedule | str", num_timesteps: int, beta_start: float = 1e-4,

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from tqdm.auto import tqdm
 
 from ..config import DiffusionSpace, ModelType
 from ..images import make_grid
@@ -31,11 +30,7 @@ def model_kind(cfg) -> str:
 def sample_images(pipe, prompts: list[str], batch_size: int, seed: int, desc: str | None = None,
                   **options) -> list[Image.Image]:
     """Images for `prompts` in batches from one seeded generator; `desc` shows a progress bar over the batches."""
-    generator = torch.Generator(pipe.device).manual_seed(seed)
-    images = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None):
-        images += pipe(prompts[i:i + batch_size], generator, progress=False, **options)
-    return images
+    return pipe.generate(prompts, batch_size, torch.Generator(pipe.device).manual_seed(seed), desc=desc, **options)
 
 
 def accuracies(images: list[Image.Image], prompts: list[str]) -> dict[str, float | None]:

@@ -16,8 +16,8 @@ The released network is DiffusionTransformer with `time_embedding="table"`, `mlp
 `mask_text_padding=False` (it attends over all 77 text positions); sizes are read from the shapes. Beside it,
 `condition_emb.*` holds OpenAI's CLIP ViT-B/32 text tower in open_clip names (float16 linears), and `model` alone
 holds the codec under `content_codec.{enc,dec}.*`: taming's Gumbel f8 VQGAN (COCO/CUB/CC, trimmed by a separate
-codes map) or ITHQ's PatchVQGAN. `TextToImagePipeline.from_official` wraps the parts (`vqdiff convert official`
-saves them).
+codes map) or ITHQ's PatchVQGAN. `official_pipeline` wraps the parts in a TextToImagePipeline (`vqdiff convert
+official` saves it).
 """
 
 import pickle
@@ -27,11 +27,13 @@ from pathlib import Path
 import torch
 
 from ..config import ExperimentConfig, ModelType, Network
+from ..models.conditioned import TextConditioned
 from ..models.loading import load_exactly
 from ..models.patch_vqgan import PatchVQGAN
 from ..models.text import CLIPTextEncoder, text_encoder_from_state_dict
 from ..models.transformer import DiffusionTransformer
 from ..models.vqvae import GUMBEL_F8_CONFIG, GumbelVQVAE
+from ..pipeline.text_to_image import TextToImagePipeline
 from .taming import TamingKeyError, load_taming_gumbel
 
 NETWORK_PREFIXES = ("transformer.transformer.", "transformer.", "")  # whole model, EMA dict, bare network
@@ -250,6 +252,14 @@ def load_official(ckpt_path: "str | Path", codes_map: "torch.Tensor | str | Path
     return pipeline_config(Path(ckpt_path).stem, tokenizer, network, text_encoder), tokenizer, network, text_encoder
 
 
+def official_pipeline(checkpoint: "str | Path", codes_map: "torch.Tensor | str | Path | None" = None,
+                      weights: str = "ema", trust_pickle: bool = False) -> TextToImagePipeline:
+    """A released VQ-Diffusion `.pth` (COCO/CUB/CC with its codes map `taming_vqvae_2887.pt`, or ITHQ) as a
+    pipeline (see load_official); `save_pretrained` then writes it as a vqdiff directory."""
+    cfg, tokenizer, network, text_encoder = load_official(checkpoint, codes_map, weights, trust_pickle)
+    return TextToImagePipeline.from_parts(cfg, tokenizer, TextConditioned(network, text_encoder))
+
+
 def codec_names(state: Mapping[str, torch.Tensor]) -> set[str]:
     return {key.split(".", 2)[2] for key in state if key.startswith(CODEC_PREFIXES)}
 
@@ -261,7 +271,7 @@ def pipeline_config(name: str, tokenizer, network: DiffusionTransformer, text_en
     learned_null = network.empty_text_embed is not None
     cfg = ExperimentConfig(name=name, model=ModelType.VQ_DIFFUSION, network=Network.TRANSFORMER)
     cfg.data.name, cfg.data.size = "captions", network.grid_size[0] * tokenizer.downsample_factor
-    cfg.tokenizer.path, cfg.tokenizer.num_embeddings = "tokenizer", tokenizer.num_embeddings  # inside the directory
+    cfg.tokenizer.path, cfg.vqvae.num_embeddings = "tokenizer", tokenizer.num_embeddings  # inside the directory
     cfg.text.arch, cfg.text.weights, cfg.text.trainable = text_encoder.arch, "text_encoder.safetensors", False
     cfg.text.context_length, cfg.text.normalize = text_encoder.context_length, text_encoder.normalize
     t = cfg.transformer

@@ -1,12 +1,13 @@
 """The Gumbel-softmax quantizer of the VQ-VAE tokenizer (taming's GumbelQuantize) and its temperature schedule."""
 
-import enum
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..options import TemperatureDecay
 
 
 def gumbel_noise(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -117,13 +118,6 @@ class FactoredGumbelQuantizer(GumbelQuantizer):
 
     def embed_ids(self, ids: torch.Tensor, code_map: torch.Tensor | None = None) -> torch.Tensor:
         return F.embedding(ids, self.codebook(code_map)).permute(0, 3, 1, 2)  # [B, D, h, w]
-
-
-class TemperatureDecay(str, enum.Enum):
-    CONSTANT = "constant"
-    LINEAR = "linear"
-    EXPONENTIAL = "exponential"
-    COSINE = "cosine"
 
 
 @dataclass

@@ -1,13 +1,14 @@
 """Building blocks shared by the networks."""
 
 import contextlib
-import enum
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..options import Activation, TimeEmbedding
 
 SINUSOID_RESCALE = 4000.0  # the official sinusoidal AdaLN maps t in [0, T) to [0, 4000) first
 
@@ -38,19 +39,6 @@ def cpu_autocast_attention(device: torch.device):
     if device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         return sdpa_kernel(SDPBackend.MATH)
     return contextlib.nullcontext()
-
-
-class TimeEmbedding(str, enum.Enum):
-    """How AdaLayerNorm turns the step t into a vector."""
-    TABLE = "table"            # learned row per step (released VQ-Diffusion models)
-    SINUSOIDAL = "sinusoidal"  # fixed sinusoid of t rescaled to [0, 4000), like the official "*_abs" variant
-    # (whose sin/cos order and frequencies differ; no released model uses it)
-
-
-class Activation(str, enum.Enum):
-    """The MLP non-linearity."""
-    GELU = "gelu"              # erf GELU (Hendrycks & Gimpel 2016)
-    QUICK_GELU = "quick_gelu"  # x * sigmoid(1.702 x): the released models' "GELU2"
 
 
 class QuickGELU(nn.Module):

@@ -5,7 +5,6 @@ layer norm, before the text projection), each L2-normalised. This is the only mo
 open_clip or transformers. Weights come only from local files; nothing is fetched at run time.
 """
 
-import enum
 import logging
 import re
 import zipfile
@@ -20,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from ..options import TextBackend
 from .layers import cpu_autocast_attention
 from .loading import load_exactly
 
@@ -36,11 +36,6 @@ OPENAI_TEXT_ARCH = "ViT-B-32-quickgelu"
 SIZED_TEXT_TOWER = re.compile(r"^clip-text-w(\d+)-l(\d+)-h(\d+)-quickgelu$")
 OWN_PREFIX = "tower."  # a CLIPTextEncoder's own state dict (a pipeline directory's text_encoder.safetensors)
 PAD_ID = 0  # open_clip and the released VQ-Diffusion pad with 0 after end-of-text, whatever the backend
-
-
-class TextBackend(str, enum.Enum):
-    OPEN_CLIP = "open_clip"
-    HF = "hf"
 
 
 class CLIPTextEncoder(nn.Module):

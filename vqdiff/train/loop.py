@@ -21,8 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, ExperimentConfig, LRSchedule, MixedPrecision, TrainConfig, save_config
-from .checkpoint import (CheckpointError, architecture_differences, latest_intact_checkpoint, load_into, load_torch,
-                         load_weights, read_config, read_state, resolve_checkpoint, save_checkpoint)
+from ..io.checkpoint import (CheckpointError, architecture_differences, latest_intact_checkpoint, load_into,
+                             load_torch, load_weights, read_config, read_state, resolve_checkpoint, save_checkpoint)
 from .ema import EMA
 from .guard import DivergenceGuard, TrainingDiverged  # noqa: F401 -- TrainingDiverged: callers catch it from here
 from .run_dir import prepare_run_dir
@@ -167,7 +167,7 @@ def train(cfg: ExperimentConfig, task: TrainTask, dataset, resume: "str | None" 
     ema = EMA(model, tc.ema_decay, tc.ema_every, tc.ema_start)
     start_step, trained_s = 0, 0.0  # trained_s: wall time of training steps, without previews and evaluations
 
-    checkpoint = _checkpoint_to_resume(run_dir, resume)
+    checkpoint = checkpoint_to_resume(run_dir, resume)
     if checkpoint is not None:
         _check_same_architecture(checkpoint, cfg, task)
         load_into(model, load_weights(checkpoint / "model.safetensors"), f"{checkpoint}/model.safetensors")
@@ -208,7 +208,7 @@ def train(cfg: ExperimentConfig, task: TrainTask, dataset, resume: "str | None" 
     step = start_step
     step_started = time.perf_counter()
     for batch in loader:
-        batch = _to_device(batch, device)
+        batch = to_device(batch, device)
         generator = step_generator(device, cfg.seed, step, accelerator.process_index)
         batch_size = _batch_size(batch)
         t, weights = task.time_sampler.sample(batch_size, device, generator=generator)
@@ -281,7 +281,7 @@ def _check_replicas_agree(model: nn.Module, accelerator) -> None:
     log.info("%d replicas agree (parameter checksum %.10g)", accelerator.num_processes, float(gathered[0]))
 
 
-def _checkpoint_to_resume(run_dir: Path, resume: "str | None") -> "Path | None":
+def checkpoint_to_resume(run_dir: Path, resume: "str | None") -> "Path | None":
     if resume is None:
         return None
     if resume == "auto":
@@ -300,11 +300,11 @@ def _check_same_architecture(checkpoint: Path, cfg: ExperimentConfig, task: Trai
                               + "\n  ".join(diffs))
 
 
-def _to_device(batch, device):
+def to_device(batch, device):
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device) for k, v in batch.items()}
     return batch
 
 

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import UserError
-from .checkpoint import list_checkpoints
+from ..io.checkpoint import list_checkpoints
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ its own optimizer (taming-transformers' VQLPIPSWithDiscriminator training). The 
 exactly. There is no EMA: `ema.safetensors` holds the trained weights too.
 
 At the end the main process counts how often each code is used over the training data, drops the codes used
-fewer than `tokenizer.trim_min_count` times, and writes `<run>/tokenizer/` (see tokenizer_io).
+fewer than `vqvae.trim_min_count` times, and writes `<run>/tokenizer/` (see vqdiff/io/tokenizer.py).
 """
 
 import json
@@ -22,25 +22,25 @@ from ..config import ExperimentConfig, MixedPrecision, save_config
 from ..images import make_grid
 from ..models.gumbel import TemperatureSchedule, temperature_at
 from ..models.vqvae import GumbelVQVAE, batch_images
-from .checkpoint import (CheckpointError, architecture_differences, load_into, load_torch, load_weights, read_config,
-                         read_state, save_checkpoint)
+from ..io.checkpoint import (CheckpointError, architecture_differences, load_into, load_torch, load_weights,
+                             read_config, read_state, save_checkpoint)
+from ..io.tokenizer import save_tokenizer
 from .guard import DivergenceGuard
-from .loop import (_checkpoint_to_resume, _to_device, adamw, gradient_norm, learning_rate, make_accelerator,
-                   make_loader, step_generator)
+from .loop import (adamw, checkpoint_to_resume, gradient_norm, learning_rate, make_accelerator, make_loader,
+                   step_generator, to_device)
 from .run_dir import prepare_run_dir
-from .tokenizer_io import save_tokenizer
 from .vqvae_losses import VQVAELoss, codebook_counts, codebook_perplexity, psnr
 
 log = logging.getLogger(__name__)
 
 # config keys that must match to resume: the networks' shapes (the discriminator exists iff disc_weight > 0)
-ARCHITECTURE_KEYS = ("model", "data.size") + tuple(f"tokenizer.{k}" for k in (
+ARCHITECTURE_KEYS = ("model", "data.size") + tuple(f"vqvae.{k}" for k in (
     "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embedding_dim", "num_embeddings",
     "norm_groups", "disc_weight"))
 
 
 def temperature_schedule(cfg: ExperimentConfig) -> TemperatureSchedule:
-    t = cfg.tokenizer
+    t = cfg.vqvae
     return TemperatureSchedule(t.temperature_start, t.temperature_end, t.temperature_steps, t.temperature_decay)
 
 
@@ -131,14 +131,14 @@ def train_vqvae(cfg: ExperimentConfig, model: GumbelVQVAE, loss: VQVAELoss, data
                desc=cfg.name, dynamic_ncols=True)
     step = start_step
     for batch in loader:
-        images = _to_device(batch, device)["image"]
+        images = to_device(batch, device)["image"]
         generator = step_generator(device, cfg.seed, step, accelerator.process_index)
         lr = learning_rate(tc, step)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
         temperature = temperature_at(step, schedule)
-        if step >= tc.max_steps - cfg.tokenizer.decoder_finetune_steps:
+        if step >= tc.max_steps - cfg.vqvae.decoder_finetune_steps:
             freeze_encoder(raw_model)  # every step: reconstruct() puts the modules back into training mode
         out, logs, grad_norm = _generator_step(accelerator, model, raw_model, loss, optimizer, images, temperature,
                                                generator, step, tc, guard)
@@ -171,12 +171,12 @@ def train_vqvae(cfg: ExperimentConfig, model: GumbelVQVAE, loss: VQVAELoss, data
 
 def finish_tokenizer(cfg: ExperimentConfig, model: GumbelVQVAE, dataset, val_dataset=None,
                      progress: bool = True) -> GumbelVQVAE:
-    """Count code usage over `dataset`, trim to the codes used at least `tokenizer.trim_min_count` times, save
+    """Count code usage over `dataset`, trim to the codes used at least `vqvae.trim_min_count` times, save
     `<run>/tokenizer/`, and log the kept codes (and the trimmed tokenizer's val PSNR) to log.jsonl."""
     model.eval()
     loader = image_loader(dataset, cfg.data.batch_size, cfg.data.num_workers)
     counts = model.codebook_usage(loader, progress=progress)
-    trimmed = model.trim(counts, cfg.tokenizer.trim_min_count).eval()
+    trimmed = model.trim(counts, cfg.vqvae.trim_min_count).eval()
     directory = save_tokenizer(trimmed, cfg.run_dir / "tokenizer")
     record = {"tokenizer": str(directory), "num_kept_codes": trimmed.num_embeddings,
               "codebook_size": trimmed.codebook_size,
@@ -193,7 +193,7 @@ def finish_tokenizer(cfg: ExperimentConfig, model: GumbelVQVAE, dataset, val_dat
 def _resume(run_dir: Path, resume, cfg, model, optimizer, disc, disc_optimizer,
             accelerator) -> tuple[int, "Path | None"]:
     """Load the checkpoint to resume from (if any) into the models and optimizers; returns its step and path."""
-    checkpoint = _checkpoint_to_resume(run_dir, resume)
+    checkpoint = checkpoint_to_resume(run_dir, resume)
     if checkpoint is None:
         return 0, None
     diffs = architecture_differences(read_config(checkpoint), cfg, ARCHITECTURE_KEYS)

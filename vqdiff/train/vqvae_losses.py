@@ -5,7 +5,6 @@ Generator step: reconstruction (L1 or L2, plus an optional VGG perceptual distan
 2021, eq. 6-7). Discriminator step: the hinge loss on real images and detached reconstructions.
 """
 
-import enum
 import re
 from pathlib import Path
 
@@ -14,11 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.discriminator import DiscriminatorNorm, PatchDiscriminator
-
-
-class ReconLoss(str, enum.Enum):
-    L1 = "l1"
-    L2 = "l2"
+from ..options import ReconLoss
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:

@@ -82,7 +82,7 @@ def import_pipeline(directory) -> tuple[ExperimentConfig, ImageCodec, DiffusionT
     tc = tokenizer.config
     for key in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embedding_dim",
                 "num_embeddings", "norm_groups"):
-        setattr(cfg.tokenizer, key, tc[key])
+        setattr(cfg.vqvae, key, tc[key])
     cfg.text = TextEncoderConfig(backend="open_clip", arch=arch, weights="none",
                                  context_length=text_encoder.context_length, normalize=True, trainable=False)
     block = network.blocks[0]

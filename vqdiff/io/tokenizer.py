@@ -10,9 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
-from ..data.tokens import tokenizer_hash, write_tokens
+from ..data.tokens import tokenizer_hash
 from ..models.patch_vqgan import PatchVQGAN
 from ..models.tokenizers import DEFAULT_TYPE, TOKENIZER_TYPES, tokenizer_type
 from ..models.vqvae import GumbelVQVAE
@@ -21,7 +19,7 @@ from .checkpoint import CheckpointError, load_into, load_weights, save_weights
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "encode_token_cache", "load_tokenizer", "save_tokenizer", "tokenizer_hash"]
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "load_tokenizer", "save_tokenizer", "tokenizer_hash"]
 
 
 def save_tokenizer(model: "GumbelVQVAE | PatchVQGAN", directory: "str | Path") -> Path:
@@ -58,16 +56,3 @@ def load_tokenizer(directory: "str | Path", device: str = "cpu") -> "GumbelVQVAE
     load_into(model, load_weights(directory / WEIGHTS_FILE), str(directory / WEIGHTS_FILE))
     return model.to(device).eval()
 
-
-def encode_token_cache(tokenizer_dir: "str | Path", dataset, out_dir: "str | Path", batch_size: int = 64,
-                       device: str = "cpu", num_workers: int = 0, progress: bool = True) -> Path:
-    """Encode `dataset` with the tokenizer in `tokenizer_dir` (argmax codes) into a token cache at `out_dir`."""
-    tokenizer = load_tokenizer(tokenizer_dir, device)
-
-    @torch.inference_mode()
-    def encode(images: torch.Tensor) -> torch.Tensor:
-        return tokenizer.encode(images.to(device))
-
-    return write_tokens(dataset, encode, out_dir, num_classes=tokenizer.num_embeddings,
-                        tokenizer=tokenizer_hash(tokenizer_dir), batch_size=batch_size, num_workers=num_workers,
-                        progress=progress)

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import FORMAT_VERSION, ConfigError, load_config, save_config, to_dict
 from ..errors import UserError
-from ..io.manifest import directory_problems, newest_intact, verify_file, write_manifest
+from .manifest import directory_problems, newest_intact, verify_file, write_manifest
 from ..models.loading import load_exactly
 
 log = logging.getLogger(__name__)

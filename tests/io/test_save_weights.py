@@ -3,7 +3,7 @@ with storage of its own is written without a copy."""
 
 import torch
 
-from vqdiff.train.checkpoint import load_weights, save_weights
+from vqdiff.io.checkpoint import load_weights, save_weights
 
 
 def test_shared_storage_and_views_round_trip(tmp_path):
