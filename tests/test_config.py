@@ -131,5 +131,9 @@ def test_the_tokenizer_to_train_is_its_own_section_and_older_files_load(tmp_path
     assert (cfg.vqvae.ch_mult, cfg.vqvae.num_embeddings, cfg.vqvae.embedding_dim, cfg.vqvae.z_channels) == ([1, 2], 16, 8, 4)
     save_config(cfg, tmp_path / "saved.yaml")
     assert load_config(tmp_path / "saved.yaml") == cfg
+    # an override replaces the file's value in either spelling; the later of two overrides wins
+    assert load_config(older, ["vqvae.num_embeddings=32"]).vqvae.num_embeddings == 32
+    assert load_config(older, ["tokenizer.ch=8", "vqvae.ch=16"]).vqvae.ch == 16
+    both = write(tmp_path, "tokenizer:\n  ch: 8\nvqvae:\n  ch: 16\n")
     with pytest.raises(ConfigError, match="tokenizer.ch and vqvae.ch: one setting given twice"):
-        load_config(older, ["tokenizer.ch=8", "vqvae.ch=16"])
+        load_config(both)

@@ -189,7 +189,7 @@ def eval_shapes_command(argv: list[str]) -> dict:
     report = evaluate(images, prompts)
     print(report.table())
     print(f"{len(images)} images in {seconds:.1f} s ({len(images) / seconds:.2f} img/s), options "
-          f"{pipe.sampling_options(**options)}")
+          f"{ {k: getattr(v, 'value', v) for k, v in pipe.sampling_options(**options).items()} }")
     if args.grid:
         make_grid(images[:48], prompts[:48], report.scores[:48]).save(args.grid)
     result = {"report": report.to_dict(), "images_per_s": len(images) / seconds,

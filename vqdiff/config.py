@@ -271,14 +271,24 @@ def load_config(path: "str | Path | None" = None, overrides: "list[str] | None" 
             data = yaml.safe_load(f) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
-    for item in overrides or []:
-        apply_override(data, item)
     if cls is ExperimentConfig:
         data = split_tokenizer_section(data)
+    for item in overrides or []:
+        apply_override(data, vqvae_override(item) if cls is ExperimentConfig else item)
     config = from_dict(cls, data, where=str(path) if path else "config")
     if cls is ExperimentConfig:
         check_config(config)
     return config
+
+
+def vqvae_override(item: str) -> str:
+    """`tokenizer.KEY=value` for a key of the tokenizer to train, the spelling of configs before `vqvae:`, as
+    `vqvae.KEY=value`: an override then replaces the file's value in either spelling."""
+    key = item.split("=", 1)[0].strip()
+    parts = key.split(".")
+    if len(parts) == 2 and parts[0] == "tokenizer" and parts[1] in {f.name for f in dataclasses.fields(VQVAEConfig)}:
+        return "vqvae." + item.strip()[len("tokenizer."):]
+    return item
 
 
 def split_tokenizer_section(data: dict) -> dict:
