@@ -141,6 +141,9 @@ class VQVAEConfig:
     trim_min_count: int = 1          # after training keep codes used at least this often
 
 
+VQVAE_KEYS = frozenset(f.name for f in dataclasses.fields(VQVAEConfig))
+
+
 @dataclass
 class TextEncoderConfig:
     backend: TextBackend = TextBackend.OPEN_CLIP
@@ -286,7 +289,7 @@ def vqvae_override(item: str) -> str:
     `vqvae.KEY=value`: an override then replaces the file's value in either spelling."""
     key = item.split("=", 1)[0].strip()
     parts = key.split(".")
-    if len(parts) == 2 and parts[0] == "tokenizer" and parts[1] in {f.name for f in dataclasses.fields(VQVAEConfig)}:
+    if len(parts) == 2 and parts[0] == "tokenizer" and parts[1] in VQVAE_KEYS:
         return "vqvae." + item.strip()[len("tokenizer."):]
     return item
 
@@ -295,7 +298,7 @@ def split_tokenizer_section(data: dict) -> dict:
     """Configs written before `vqvae:` existed (and checkpoints saved by them) hold the tokenizer to train under
     `tokenizer:`: those keys move to `vqvae:`, so every such file loads unchanged."""
     tokenizer = data.get("tokenizer")
-    names = {f.name for f in dataclasses.fields(VQVAEConfig)}
+    names = VQVAE_KEYS
     if not isinstance(tokenizer, dict) or not names & set(tokenizer):
         return data
     vqvae = data.get("vqvae") or {}

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .. import build
 from ..config import ConfigError, ExperimentConfig, ModelType
-from ..io.checkpoint import CheckpointError, load_into, load_weights, read_config, resolve_checkpoint
+from ..io.checkpoint import load_into, load_weights, read_config, resolve_checkpoint
 from ..io.pipeline_folder import (CONFIG_FILE, TEXT_ENCODER_FILE, TOKENIZER_DIR, check_complete,
                                   find_pipeline_folder, load_parts, write_pipeline_folder)
 from ..io.tokenizer import load_tokenizer
