@@ -74,8 +74,16 @@ def test_mixed_precision_is_checked_and_a_bare_no_reads_as_no(tmp_path):
 
 def test_tokenizer_encoder_is_checked():
     assert load_config(None, ["tokenizer.encoder=patch"]).vqvae.encoder.value == "patch"
-    with pytest.raises(ConfigError, match="vqvae.encoder: 'conv' is not one of \\['taming', 'patch'\\]"):
+    with pytest.raises(ConfigError, match="vqvae.encoder: 'conv' is not one of \\['taming', 'patch', 'layered'\\]"):
         load_config(None, ["tokenizer.encoder=conv"])
+    # a layered tokenizer needs both halves and a product codebook that keeps every pair
+    with pytest.raises(ConfigError, match="encoder and decoder both 'layered'"):
+        load_config(None, ["vqvae.encoder=layered", "vqvae.factors=[64,16]", "vqvae.trim_min_count=0"])
+    with pytest.raises(ConfigError, match="vqvae.trim_min_count: 1 would drop codes"):
+        load_config(None, ["vqvae.factors=[64,16]"])
+    with pytest.raises(ConfigError, match="vqvae.factors: \\[64, 15\\] must be two numbers"):
+        load_config(None, ["vqvae.factors=[64,15]", "vqvae.trim_min_count=0"])
+    assert load_config("configs/vqvae_layered.yaml", []).vqvae.factors == [64, 16]
 
 
 def test_shapes_augmentation_is_for_tokenizer_training_only():

@@ -244,13 +244,23 @@ def transformer_kwargs(cfg: ExperimentConfig) -> dict:
                 gradient_checkpointing=tc.gradient_checkpointing, qk_init_std=tc.qk_init_std)
 
 
-def build_vq_model(cfg: ExperimentConfig, num_classes: int, grid_size: tuple[int, int]) -> TextConditioned:
+def token_factors(tokenizer) -> tuple[int, int] | None:
+    """A layered tokenizer's [outline, colour] codebook factors when all its codes are kept, else None: the
+    transformer then embeds and predicts the two parts of a token apart (FactoredContentEmbedding)."""
+    quantize = getattr(tokenizer, "quantize", None)
+    if getattr(quantize, "hidden_split", None) is None or tokenizer.num_embeddings != tokenizer.codebook_size:
+        return None
+    return quantize.factors
+
+
+def build_vq_model(cfg: ExperimentConfig, num_classes: int, grid_size: tuple[int, int],
+                   factors: tuple[int, int] | None = None) -> TextConditioned:
     """The trained part of a text-to-image model: DiffusionTransformer + its text encoder."""
     text_encoder = build_text_encoder(cfg)
     transformer = DiffusionTransformer(num_classes=num_classes, grid_size=grid_size, text_dim=text_encoder.dim,
                                        text_length=cfg.text.context_length,
                                        null_text_std=null_text_std(cfg, text_encoder.dim),
-                                       **transformer_kwargs(cfg))
+                                       factors=factors, **transformer_kwargs(cfg))
     return TextConditioned(transformer, text_encoder)
 
 
@@ -263,7 +273,7 @@ def build_model_and_diffusion(cfg: ExperimentConfig, tokenizer=None) -> tuple[nn
         if tokenizer is None:
             raise ConfigError("a VQ-Diffusion model is built on its trained tokenizer (tokenizer.path)")
         num_classes = tokenizer.num_embeddings
-        return (build_vq_model(cfg, num_classes, token_grid(cfg, tokenizer)),
+        return (build_vq_model(cfg, num_classes, token_grid(cfg, tokenizer), token_factors(tokenizer)),
                 build_discrete_diffusion(cfg, num_classes))
     if cfg.model is ModelType.DDPM:
         return build_ddpm_model(cfg, tokenizer), build_gaussian_diffusion(cfg)
@@ -291,7 +301,8 @@ def parameter_counts(cfg: ExperimentConfig, num_classes: int | None = None) -> d
         if cfg.model is ModelType.VQ_DIFFUSION:
             if tokenizer is not None:
                 num_classes = num_classes or tokenizer.num_embeddings
-            model = build_vq_model(cfg, num_classes or cfg.vqvae.num_embeddings, token_grid(cfg, tokenizer))
+            model = build_vq_model(cfg, num_classes or cfg.vqvae.num_embeddings, token_grid(cfg, tokenizer),
+                                   None if tokenizer is None else token_factors(tokenizer))
             counts = {f"transformer.{k}": v for k, v in transformer_counts(model.network).items()}
             counts["text_encoder"] = count_parameters(model.text_encoder)
             return counts

@@ -1,8 +1,7 @@
 """Typed experiment configs: dataclasses loaded from YAML, with `key.sub=value` overrides.
 
-A YAML file lists only what differs from the defaults below. Unknown keys, wrong types and missing
-files fail with a message that names them. The resolved config (every field) is saved with each
-checkpoint, so a run can always be rebuilt from its directory.
+A YAML file lists only what differs from the defaults below. Unknown keys, wrong types and missing files fail
+with a message that names them. The resolved config is saved with each checkpoint, so a run can be rebuilt.
 """
 
 import dataclasses
@@ -43,6 +42,7 @@ class MixedPrecision(str, enum.Enum):
 class TokenizerEncoder(str, enum.Enum):
     TAMING = "taming"      # the taming-transformers encoder (released checkpoints)
     PATCH = "patch"        # encoder: a code is a function of its own f x f pixels; decoder: and draws only them
+    LAYERED = "layered"    # both: a code is an (outline, colour) pair, drawn as alpha over white (layered_codec.py)
 
 
 class DiffusionSpace(str, enum.Enum):

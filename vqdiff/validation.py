@@ -140,6 +140,18 @@ def _check_tokenizer(t) -> None:
     for key in ("temperature_steps", "decoder_finetune_steps", "disc_start", "kl_weight", "codebook_weight",
                 "disc_weight", "perceptual_weight", "trim_min_count"):
         at_least(f"vqvae.{key}", getattr(t, key), 0)
+    if t.factors is not None:
+        if len(t.factors) != 2 or t.factors[0] * t.factors[1] != t.num_embeddings:
+            raise ConfigError(f"vqvae.factors: {t.factors} must be two numbers whose product is vqvae.num_embeddings "
+                              f"({t.num_embeddings})")
+        if t.trim_min_count != 0:
+            raise ConfigError(f"vqvae.trim_min_count: {t.trim_min_count} would drop codes of a product codebook "
+                              "(vqvae.factors), whose unseen pairs are the point; allowed: 0")
+    if (t.encoder.value == "layered") != (t.decoder.value == "layered") or (t.encoder.value == "layered"
+                                                                             and t.factors is None):
+        raise ConfigError(f"vqvae.encoder: a layered tokenizer needs encoder and decoder both 'layered' and "
+                          f"vqvae.factors; got encoder {t.encoder.value!r}, decoder {t.decoder.value!r}, "
+                          f"factors {t.factors}")
 
 
 def _check_sample(s, prefix: str) -> None:

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from vqdiff.models.gumbel import GumbelQuantizer, TemperatureDecay, TemperatureSchedule, gumbel_softmax, temperature_at
-from vqdiff.models.vqvae import AttnBlock, GumbelVQVAE
+from vqdiff.models.taming_blocks import AttnBlock
+from vqdiff.models.vqvae import GumbelVQVAE
 
 TINY = dict(resolution=16, ch=16, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8], z_channels=16,
             norm_groups=8, embedding_dim=16, num_embeddings=512)
@@ -317,7 +318,7 @@ def test_patch_encoder_codes_depend_on_their_own_patch_only(tmp_path):
     loaded = load_tokenizer(save_tokenizer(trimmed, tmp_path / "tok"))
     assert loaded.config["encoder"] == "patch" and type(loaded.encoder).__name__ == "PatchEncoder"
     torch.testing.assert_close(loaded.encode(images(2)), trimmed.encode(images(2)), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="encoder must be one of \\['taming', 'patch'\\], got 'conv'"):
+    with pytest.raises(ValueError, match="encoder must be one of \\['taming', 'patch', 'layered'\\], got 'conv'"):
         tiny_model(encoder="conv")
 
 

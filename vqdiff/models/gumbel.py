@@ -104,10 +104,13 @@ class FactoredGumbelQuantizer(GumbelQuantizer):
         self.embed_first = nn.Embedding(first, half)
         self.embed_second = nn.Embedding(second, embedding_dim - half)
 
-    def logits(self, z: torch.Tensor, code_map: torch.Tensor | None = None) -> torch.Tensor:
-        first, second = self.factors
+    def factor_logits(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         parts = self.proj(z)  # [B, F + S, h, w]
-        logits = (parts[:, :first, None] + parts[:, None, first:]).flatten(1, 2)  # [B, F * S, h, w]
+        return parts[:, :self.factors[0]], parts[:, self.factors[0]:]
+
+    def logits(self, z: torch.Tensor, code_map: torch.Tensor | None = None) -> torch.Tensor:
+        first, second = self.factor_logits(z)
+        logits = (first[:, :, None] + second[:, None]).flatten(1, 2)  # [B, F * S, h, w]
         return logits if code_map is None else logits.index_select(1, code_map)
 
     def codebook(self, code_map: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,6 +121,25 @@ class FactoredGumbelQuantizer(GumbelQuantizer):
 
     def embed_ids(self, ids: torch.Tensor, code_map: torch.Tensor | None = None) -> torch.Tensor:
         return F.embedding(ids, self.codebook(code_map)).permute(0, 3, 1, 2)  # [B, D, h, w]
+
+
+class SplitGumbelQuantizer(FactoredGumbelQuantizer):
+    """A product codebook whose factors share nothing: the first factor's logits read the first `hidden_split`
+    feature channels and its embedding fills the first `embed_split` latent channels, the second factor the rest
+    (the layered tokenizer's outline and colour, models/layered_codec.py)."""
+
+    def __init__(self, num_hiddens: int, embedding_dim: int, factors: tuple[int, int], hidden_split: int,
+                 embed_split: int, straight_through: bool = True, kl_weight: float = 5e-4, temperature: float = 1.0):
+        super().__init__(num_hiddens, embedding_dim, factors, straight_through, kl_weight, temperature)
+        first, second = self.factors
+        self.hidden_split = hidden_split
+        self.proj = nn.Conv2d(hidden_split, first, 1)
+        self.proj_second = nn.Conv2d(num_hiddens - hidden_split, second, 1)
+        self.embed_first = nn.Embedding(first, embed_split)
+        self.embed_second = nn.Embedding(second, embedding_dim - embed_split)
+
+    def factor_logits(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.proj(z[:, :self.hidden_split]), self.proj_second(z[:, self.hidden_split:])
 
 
 @dataclass

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vqvae import Decoder, Encoder, ImageCodec, nearest_ids
+from .taming_blocks import Decoder, Encoder
+from .vqvae import ImageCodec, nearest_ids
 
 # ITHQ (ithq_vqvae.pth): 256 px -> 32x32 tokens over 4096 codes of dimension 128.
 ITHQ_CONFIG = dict(

@@ -43,6 +43,26 @@ class ContentEmbedding(nn.Module):
         return self.emb(x) + position
 
 
+class FactoredContentEmbedding(ContentEmbedding):
+    """Token (i, j) = id i * S + j of a product codebook (factors [F, S]) embeds as row i of one table plus row j
+    of another, [MASK] as its own row: a pair never seen in training is the sum of two trained parts."""
+
+    def __init__(self, factors: tuple[int, int], grid_size: tuple[int, int], width: int):
+        super().__init__(factors[0] * factors[1], grid_size, width)
+        del self.emb
+        self.second = factors[1]
+        self.emb_first = nn.Embedding(factors[0], width)
+        self.emb_second = nn.Embedding(factors[1], width)
+        self.emb_mask = nn.Parameter(torch.zeros(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        position = (self.height_emb.weight[:, None] + self.width_emb.weight[None]).flatten(0, 1)  # [N, D]
+        masked = x >= self.emb_first.num_embeddings * self.second
+        ids = x.masked_fill(masked, 0)
+        parts = self.emb_first(ids // self.second) + self.emb_second(ids % self.second)
+        return torch.where(masked[..., None], self.emb_mask, parts) + position
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, width: int, num_heads: int, text_dim: int, num_steps: int, time_embedding: TimeEmbedding,
                  mlp_activation: Activation, mlp_ratio: float, dropout: float):
@@ -74,7 +94,8 @@ class DiffusionTransformer(nn.Module):
     in training. It starts at the scale of the text features: `null_text_std` per element, by default
     1/sqrt(text_dim) (per-token norm ~1, as L2-normalised CLIP features have); 1.0 suits un-normalised
     layer-norm outputs. `qk_init_std` initialises every attention's query and key weights at that std instead
-    of 0.02 (1/sqrt(width) starts the attention logits near 1 at small widths).
+    of 0.02 (1/sqrt(width) starts the attention logits near 1 at small widths). `factors` [F, S] (a product
+    codebook's, K = F * S) factor the token embedding and the output head (FactoredContentEmbedding).
     """
 
     def __init__(self, num_classes: int, width: int, num_layers: int, num_heads: int,
@@ -83,7 +104,7 @@ class DiffusionTransformer(nn.Module):
                  mlp_activation: Activation | str = Activation.GELU, mlp_ratio: float = 4.0,
                  mask_text_padding: bool = True, null_text_embedding: bool = False, text_drop_prob: float = 0.0,
                  null_text_std: float | None = None, dropout: float = 0.0, gradient_checkpointing: bool = False,
-                 qk_init_std: float | None = None):
+                 qk_init_std: float | None = None, factors: tuple[int, int] | None = None):
         super().__init__()
         if not 0.0 <= text_drop_prob < 1.0:
             raise ValueError(f"text_drop_prob must be in [0, 1), got {text_drop_prob}")
@@ -95,11 +116,16 @@ class DiffusionTransformer(nn.Module):
         self.text_dim, self.text_length = text_dim, text_length
         self.mask_text_padding, self.text_drop_prob = mask_text_padding, text_drop_prob
         self.gradient_checkpointing = gradient_checkpointing
-        self.content_emb = ContentEmbedding(num_classes, self.grid_size, width)
+        if factors is not None and factors[0] * factors[1] != num_classes:
+            raise ValueError(f"factors {list(factors)} must multiply to num_classes={num_classes}")
+        self.factors = None if factors is None else tuple(factors)
+        self.content_emb = (ContentEmbedding(num_classes, self.grid_size, width) if factors is None
+                            else FactoredContentEmbedding(self.factors, self.grid_size, width))
         self.blocks = nn.ModuleList(
             TransformerBlock(width, num_heads, text_dim, num_steps, TimeEmbedding(time_embedding),
                              Activation(mlp_activation), mlp_ratio, dropout) for _ in range(num_layers))
-        self.to_logits = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, num_classes))
+        head = num_classes if factors is None else sum(factors)
+        self.to_logits = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, head))
         self.apply(init_weights)
         if qk_init_std is not None:
             for block in self.blocks:
@@ -141,7 +167,12 @@ class DiffusionTransformer(nn.Module):
         norm, out = self.to_logits
         h = norm(h)
         weight = out.weight.expand(h.shape[0], -1, -1)  # [B, K, D]
-        return torch.baddbmm(out.bias[:, None], weight, h.transpose(1, 2)).float()
+        logits = torch.baddbmm(out.bias[:, None], weight, h.transpose(1, 2)).float()
+        if self.factors is None:
+            return logits
+        # logit (i, j) = a_i + b_j: softmax over the K = F * S pairs is the product of two categoricals
+        first = self.factors[0]
+        return (logits[:, :first, None] + logits[:, None, first:]).flatten(1, 2)
 
     def cache_text(self, text: torch.Tensor, text_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Per-layer cross-attention keys and values of `text`, computed once per sampling run.

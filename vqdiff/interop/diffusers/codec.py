@@ -53,6 +53,10 @@ def codec_to_diffusers(tokenizer: ImageCodec):
     A PatchVQGAN needs none: VQModel's nearest-neighbour encoder is its own."""
     diffusers = require_diffusers()
     c = tokenizer.config
+    kinds = {c.get("encoder", "taming"), c.get("decoder", "taming")} - {"taming"}
+    if kinds or c.get("factors"):
+        raise DiffusersConversionError(f"a {'/'.join(sorted(kinds)) or 'product-codebook'} tokenizer has no "
+                                       "diffusers VQModel counterpart; only taming encoders and decoders convert")
     if c["ch_mult"][0] != 1:
         raise DiffusersConversionError(f"ch_mult {c['ch_mult']} starts above 1; diffusers' Encoder goes straight "
                                        "to the first level's width in conv_in")

@@ -27,6 +27,9 @@ def transformer_to_diffusers(network: DiffusionTransformer, ignore_padding_mask:
     `text_scale` is the text encoder's feature_scale: diffusers feeds the unit-norm features, so the cross-attention
     keys and values take the scale into their weights (the biases are unaffected)."""
     diffusers = require_diffusers()
+    if network.factors is not None:
+        raise DiffusersConversionError(f"this transformer factors its tokens ({list(network.factors)}); diffusers' "
+                                       "Transformer2DModel has one embedding row and one output per token")
     block = network.blocks[0]
     width, heads = network.content_emb.emb.weight.shape[1], block.attn1.num_heads
     if block.mlp[0].out_features != 4 * width:
