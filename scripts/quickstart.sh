@@ -19,4 +19,12 @@ python scripts/sample_vq.py "a large red circle at the top left" "a small blue s
     --model $OUT/shapes_tiny --n 4 --out $OUT/samples.png --gif $OUT/unmasking.gif
 python scripts/eval_shapes.py --checkpoint $OUT/shapes_tiny --n 100 --splits val,heldout --grid $OUT/eval_grid.png \
     --json $OUT/eval.json
-echo "pictures: $OUT/samples.png $OUT/unmasking.gif $OUT/eval_grid.png (training grids: $OUT/*/samples/)"
+echo "pictures: $OUT/samples.png (4 prompts x 4 samples), $OUT/unmasking.gif, $OUT/eval_grid.png (scored prompts,"
+echo "  wrong objects outlined); training grids in $OUT/*/samples/"
+python - "$OUT/eval.json" <<'PY'
+import json, sys
+groups = json.load(open(sys.argv[1]))["report"]["groups"]
+print(f"score: {100 * groups['seen']['image']:.0f}% of prompts with seen colour-shape pairs and "
+      f"{100 * groups['held-out']['image']:.0f}% with pairs never in training drew the named shape in the named "
+      f"colour, size and place")
+PY

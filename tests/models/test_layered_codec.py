@@ -107,3 +107,32 @@ def test_factored_transformer_predicts_a_product_and_embeds_a_sum():
     torch.testing.assert_close(rows[1], emb.emb_mask.detach())
     with pytest.raises(ValueError, match="multiply to num_classes"):
         DiffusionTransformer(num_classes=25, width=32, num_layers=1, num_heads=4, factors=(6, 4))
+
+
+def test_an_unused_code_restarts_as_a_copy_of_the_code_with_the_most_error():
+    """After `restart_every` training calls, the first never-picked code of each factor takes the embedding (plus
+    noise of 1% of the table's std) and the logit weights of the code with the largest summed error, and the
+    counts start over."""
+    torch.manual_seed(0)
+    model = GumbelVQVAE.from_config(LAYERED).train()
+    q = model.quantize
+    ids = torch.tensor([[[0 * 4 + 1, 2 * 4 + 1], [5 * 4 + 3, 5 * 4 + 3]]])  # outlines {0, 2, 5}, colours {1, 3}
+    error = torch.tensor([[[0.1, 0.2], [0.9, 0.8]]])
+    for _ in range(q.restart_every - 1):
+        q.restart_unused()
+        q.observe(ids, error)
+    assert q.usage[:6].tolist() == [99, 0, 99, 0, 0, 198] and q.usage[6:].tolist() == [0, 198, 0, 198]
+    before = {name: p.detach().clone() for name, p in q.named_parameters()}
+    q.restart_unused()
+    # outline: code 1 (first unused) copies code 5 (error 1.7 per call); colour: code 0 copies code 3
+    for embed, proj, target, donor in (("embed_first", "proj", 1, 5), ("embed_second", "proj_second", 0, 3)):
+        table = before[f"{embed}.weight"]
+        noise = getattr(q, embed).weight[target] - table[donor]
+        assert 0 < noise.abs().max() < 0.1 * table.std()
+        assert torch.equal(getattr(q, proj).weight[target], before[f"{proj}.weight"][donor])
+        untouched = [i for i in range(table.shape[0]) if i != target]
+        assert torch.equal(getattr(q, embed).weight[untouched], table[untouched])
+    assert q.usage.sum() == 0 and q.error.sum() == 0
+    # a training forward pass counts its own codes
+    model(torch.rand(2, 3, 16, 16) * 2 - 1)
+    assert q.usage[:6].sum() == 2 * 16 and q.usage[6:].sum() == 2 * 16

@@ -138,8 +138,57 @@ class SplitGumbelQuantizer(FactoredGumbelQuantizer):
         self.embed_first = nn.Embedding(first, embed_split)
         self.embed_second = nn.Embedding(second, embedding_dim - embed_split)
 
+        # per code of both factors: picks and summed reconstruction error since the last restart (restart_unused)
+        self.register_buffer("usage", torch.zeros(first + second, dtype=torch.float64))
+        self.register_buffer("error", torch.zeros(first + second, dtype=torch.float64))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    restart_every = 100  # training calls between restarts
+
     def factor_logits(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.proj(z[:, :self.hidden_split]), self.proj_second(z[:, self.hidden_split:])
+
+    @torch.no_grad()
+    def observe(self, ids: torch.Tensor, error: torch.Tensor) -> None:
+        """Count the picked codes of both factors (ids [B, h, w], full codes) and add up each one's
+        reconstruction error (error [B, h, w], the squared error of its patch)."""
+        first, second = self.factors
+        parts = (ids // second, ids % second + first)
+        for part in parts:
+            flat = part.flatten()
+            self.usage += torch.bincount(flat, minlength=first + second).double()
+            self.error += torch.bincount(flat, weights=error.flatten().double(), minlength=first + second)
+
+    @torch.no_grad()
+    def restart_unused(self) -> None:
+        """Every `restart_every` training calls, in each factor: a code picked less than once per 100 * (its
+        factor's size) picks becomes a copy of the code with the largest summed error (its embedding with a little
+        noise, the same logit weights), so the two split that code's patches and learn apart. A straight-through
+        Gumbel row learns only when picked: without this, two colours ended on one code while eight rows never
+        trained (docs/shapes_experiments.md). Deterministic, and the same on every process."""
+        self.calls += 1
+        if int(self.calls) % self.restart_every:
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.usage)
+            torch.distributed.all_reduce(self.error)
+        generator = torch.Generator().manual_seed(int(self.calls))
+        first, second = self.factors
+        parts = ((0, first, self.proj, self.embed_first), (first, first + second, self.proj_second, self.embed_second))
+        for low, high, proj, embed in parts:
+            usage, error = self.usage[low:high], self.error[low:high]
+            if usage.sum() == 0:
+                continue
+            dead = torch.nonzero(usage < usage.sum() / (100 * (high - low))).flatten()
+            if len(dead) == 0:
+                continue
+            target, donor = int(dead[0]), int(error.argmax())
+            noise = torch.randn(embed.weight.shape[1], generator=generator) * 0.01 * float(embed.weight.std())
+            embed.weight[target] = embed.weight[donor] + noise.to(embed.weight)
+            proj.weight[target] = proj.weight[donor]
+            proj.bias[target] = proj.bias[donor]
+        self.usage.zero_()
+        self.error.zero_()
 
 
 @dataclass

@@ -192,9 +192,15 @@ class GumbelVQVAE(ImageCodec):
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Training pass: dict(recon [B, C, H, W] unclamped, logits [B, K', h, w], kl, kl_loss, tokens [B, h, w])."""
         self.check_images(images)
+        restarts = self.quantize.training and hasattr(self.quantize, "restart_unused") and self.code_map is None
+        if restarts:
+            self.quantize.restart_unused()  # before the weights are used, so autograd sees no in-place change
         z = self.quant_conv(self.encoder(images))
         out = self.quantize(z, temperature, self.code_map, generator)
         recon = self.decoder(self.post_quant_conv(out.pop("z_q")))
+        if restarts:
+            f = self.downsample_factor
+            self.quantize.observe(out["tokens"], F.avg_pool2d((recon.detach() - images).pow(2).mean(1), f))
         return dict(recon=recon, **out)
 
     def encode(self, images: torch.Tensor, sample: bool = False,
