@@ -22,14 +22,13 @@ pipeline folder instead of a random config.
 """
 
 import argparse
-import resource
-import time
 
 import torch
 
 from vqdiff.diffusion.discrete import MaskAndReplaceDiffusion
 from vqdiff.diffusion.discrete_sampling import sampling_timesteps
 from vqdiff.errors import script_main
+from vqdiff.eval.bench import peak_memory_bytes, seconds_per_call
 from vqdiff.eval.side_by_side import MARKDOWN_HEADER, DiffusersLoop, markdown_rows, side_by_side
 from vqdiff.models.transformer import TRANSFORMER_PRESETS, DiffusionTransformer
 
@@ -40,25 +39,6 @@ CONFIGS = {  # layers, width, heads, grid side, K (without [MASK]), default batc
     "shapes": (4, 256, 8, 8, 670, 8),  # configs/shapes.yaml's network (K: vqvae_shapes32 kept 670-707 codes)
     "S256": (*TRANSFORMER_PRESETS["S"].values(), 32, 2887, 8),  # the S preset at 256 px
 }
-
-
-def clock(fn, device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
-def synchronize(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory_gib(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
 def bench(name: str, batch: int, steps: int, runs: list[int], device, dtype: str, compile_mode: str | None) -> str:
@@ -93,15 +73,16 @@ def bench(name: str, batch: int, steps: int, runs: list[int], device, dtype: str
         run(truncation_rate=0.86, guidance_scale=3.0, null_cond=null)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        net = clock(lambda: [model(x, t, **cond) for _ in range(steps)], device) / steps
-        step = clock(run, device) / steps
-        math = clock(lambda: run(network=no_network), device) / steps
-        truncated = clock(lambda: run(truncation_rate=0.86), device) / steps
-        guided = clock(lambda: run(truncation_rate=0.86, guidance_scale=3.0, null_cond=null), device) / steps
-        rates = [batch / clock(lambda: run(n), device) for n in runs]
+        net = seconds_per_call(lambda: [model(x, t, **cond) for _ in range(steps)], 1, device, warmup=0) / steps
+        step = seconds_per_call(run, 1, device, warmup=0) / steps
+        math = seconds_per_call(lambda: run(network=no_network), 1, device, warmup=0) / steps
+        truncated = seconds_per_call(lambda: run(truncation_rate=0.86), 1, device, warmup=0) / steps
+        guided = seconds_per_call(lambda: run(truncation_rate=0.86, guidance_scale=3.0, null_cond=null), 1, device,
+                                  warmup=0) / steps
+        rates = [batch / seconds_per_call(lambda: run(n), 1, device, warmup=0) for n in runs]
     return (f"| {name} | {batch} | {step * 1e3:.1f} | {net * 1e3:.1f} | {math * 1e3:.1f} ({100 * math / step:.0f}%) "
             f"| {truncated * 1e3:.1f} | {guided * 1e3:.1f} | " + " | ".join(f"{r:.2f}" for r in rates)
-            + f" | {peak_memory_gib(device):.2f} |")
+            + f" | {peak_memory_bytes(device) / 2**30:.2f} |")
 
 
 def random_setup(name: str, batch: int, device):

@@ -175,8 +175,7 @@ def build_gaussian_diffusion(cfg: ExperimentConfig) -> GaussianDiffusion:
 def build_discrete_diffusion(cfg: ExperimentConfig, num_classes: int) -> MaskAndReplaceDiffusion:
     d = cfg.discrete
     return MaskAndReplaceDiffusion(num_classes, d.num_timesteps, schedule=d.schedule, aux_weight=d.aux_weight,
-                                   adaptive_aux_weight=d.adaptive_aux_weight, mask_weight=tuple(d.mask_weight),
-                                   time_sampler=build_time_sampler(d.time_sampler, d.num_timesteps, ema_decay=0.9))
+                                   adaptive_aux_weight=d.adaptive_aux_weight, mask_weight=tuple(d.mask_weight))
 
 
 # ---- networks --------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from vqdiff.diffusion.discrete import MaskAndReplaceDiffusion
-from vqdiff.diffusion.discrete_sampling import (X0Distribution, _gather_rows, sample_rows, sampling_timesteps,
-                                                truncate)
+from vqdiff.diffusion.discrete_sampling import (SamplingOptions, SamplingStrategy, X0Distribution, _gather_rows,
+                                                sample_rows, sampling_timesteps, truncate)
 from vqdiff.diffusion.guidance import guide_log_probs
 
 SAMPLES = 20_000
@@ -261,6 +261,19 @@ def test_bad_sampling_inputs_raise_clear_errors():
         diffusion.sample(model, 2, 3, strategy="sideways", progress=False)
     with pytest.raises(ValueError, match=r"logits \[B, K, N\]"):
         diffusion.sample(lambda x, t: torch.zeros(2, 6, 3), 2, 3, progress=False)
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        SamplingOptions(steps=0)
+    with pytest.raises(ValueError, match="either as `options` or as keywords"):
+        diffusion.sample(model, 2, 3, options=SamplingOptions(), steps=2, progress=False)
+
+
+def test_an_options_object_samples_as_its_keywords():
+    """`options=SamplingOptions(...)` and the same fields as keywords draw the same tokens."""
+    diffusion = MaskAndReplaceDiffusion(5, 10)
+    options = SamplingOptions(steps=4, truncation_rate=0.7, temperature=0.9, strategy="purity")
+    draws = [diffusion.sample(random_model(5), 3, 4, generator=torch.Generator().manual_seed(2), progress=False,
+                              **kwargs) for kwargs in (dict(options=options), vars(options))]
+    assert options.strategy is SamplingStrategy.PURITY and torch.equal(*draws)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

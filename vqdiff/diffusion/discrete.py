@@ -21,10 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .discrete_sampling import SamplingStrategy, check_logits, sample_iter
+from .discrete_sampling import SamplingOptions, SamplingStrategy, check_logits, sample_iter
 from .losses import LOG_EPS, stable_softmax
 from .schedules import MaskAndReplaceSchedule, mask_and_replace_preset
-from .timestep_sampler import ImportanceSampler, UniformSampler
 
 LOG_ZERO = -1e4  # finite stand-in for log 0 inside sums, so that 0 * log 0 stays 0 and gradients stay finite
 SUM_LOG_FLOOR = 1e-30  # floor of a p + b in S; S only counts where b > 0, and there a p + b >= b
@@ -44,14 +43,13 @@ class MaskAndReplaceDiffusion:
 
     schedule: a preset name of `schedules.MASK_AND_REPLACE_PRESETS` or a `MaskAndReplaceSchedule`.
     mask_weight: (weight of tokens masked in x_t, weight of the others) on the per-token losses.
-    time_sampler: held for the trainer, which draws (t, weights) from it and updates it with the
-    unweighted per-sample `losses["kl"]` (VQ-Diffusion: p(t) ~ sqrt of the moving average of L_t^2).
+    The trainer draws t from its own time sampler (build.build_time_sampler; VQ-Diffusion's importance sampler
+    is updated with the unweighted per-sample `losses["kl"]`).
     """
 
     def __init__(self, num_classes: int, num_timesteps: int = 100,
                  schedule: "MaskAndReplaceSchedule | str" = "released", aux_weight: float = 5e-4,
-                 adaptive_aux_weight: bool = True, mask_weight: tuple[float, float] = (1.0, 1.0),
-                 time_sampler: UniformSampler | None = None):
+                 adaptive_aux_weight: bool = True, mask_weight: tuple[float, float] = (1.0, 1.0)):
         if isinstance(schedule, str):
             schedule = mask_and_replace_preset(schedule, num_timesteps, num_classes)
         if schedule.num_timesteps != num_timesteps or schedule.num_classes != num_classes:
@@ -64,7 +62,6 @@ class MaskAndReplaceDiffusion:
         self.aux_weight = aux_weight
         self.adaptive_aux_weight = adaptive_aux_weight
         self.mask_weight = tuple(mask_weight)
-        self.time_sampler = time_sampler or ImportanceSampler(num_timesteps, history=10, ema_decay=0.9)
         identity = {"alpha_bar": 1.0, "beta_bar": 0.0, "gamma_bar": 0.0}
         self._tables = {name: torch.cat([torch.tensor([first], dtype=torch.float64), getattr(schedule, name)])
                         for name, first in identity.items()}  # index t + 1, so that t = -1 is x_0
@@ -302,38 +299,37 @@ class MaskAndReplaceDiffusion:
         return random.masked_fill(u < gamma, self.mask_id)
 
     def sample_iter(self, model, batch_size: int, num_tokens: int, cond: dict | None = None,
-                    steps: int | None = None, truncation_rate: float = 1.0, temperature: float = 1.0,
-                    guidance_scale: float = 1.0, null_cond: dict | None = None,
-                    strategy: "SamplingStrategy | str" = SamplingStrategy.ANCESTRAL,
+                    null_cond: dict | None = None, options: SamplingOptions | None = None,
                     known_tokens: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
-                    generator: torch.Generator | None = None, progress: bool = False, device=None):
+                    generator: torch.Generator | None = None, progress: bool = False, device=None, **option_values):
         """Yield the token map `[B, N]` after every reverse step (see `sample`)."""
-        return sample_iter(self, model, batch_size, num_tokens, cond, steps, truncation_rate, temperature,
-                           guidance_scale, null_cond, strategy, known_tokens, known_mask, generator, progress,
-                           device)
+        options = _options(options, option_values)
+        return sample_iter(self, model, batch_size, num_tokens, options, cond, null_cond, known_tokens, known_mask,
+                           generator, progress, device)
 
     def sample(self, model, batch_size: int, num_tokens: int, cond: dict | None = None,
-               steps: int | None = None, truncation_rate: float = 1.0, temperature: float = 1.0,
-               guidance_scale: float = 1.0, null_cond: dict | None = None,
-               strategy: "SamplingStrategy | str" = SamplingStrategy.ANCESTRAL,
+               null_cond: dict | None = None, options: SamplingOptions | None = None,
                known_tokens: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
-               generator: torch.Generator | None = None, progress: bool = True, device=None) -> torch.Tensor:
+               generator: torch.Generator | None = None, progress: bool = True, device=None,
+               **option_values) -> torch.Tensor:
         """Token ids `[B, N]` with no [MASK] left.
 
-        steps: network calls (default T), evenly strided, each move an exact skip step q(x_s | x_t, x0);
-        the last maps x_t straight to x_0. truncation_rate: keep the smallest set of classes with that
-        much of p(x0 | x_t) per token. guidance_scale != 1 needs null_cond (same keys as cond) and calls
-        the network once on 2B. strategy "purity" reveals a fixed share of the masked tokens per step,
-        purest first (Tang et al. 2022). known_tokens / known_mask `[B, N]`: inpainting, the known
-        tokens stay fixed and the network sees them. device defaults to known_tokens', then cond's,
-        then the generator's.
+        `options` (a SamplingOptions), or its fields as keywords (steps=25, truncation_rate=0.86, ...): how to
+        sample. The last step maps x_t straight to x_0. guidance_scale != 1 needs null_cond (same keys as cond)
+        and calls the network once on 2B. known_tokens / known_mask `[B, N]`: inpainting, the known tokens stay
+        fixed and the network sees them. device defaults to known_tokens', then cond's, then the generator's.
         """
         x = None
-        for x in self.sample_iter(model, batch_size, num_tokens, cond, steps, truncation_rate, temperature,
-                                  guidance_scale, null_cond, strategy, known_tokens, known_mask, generator,
-                                  progress, device):
+        for x in self.sample_iter(model, batch_size, num_tokens, cond, null_cond, options, known_tokens,
+                                  known_mask, generator, progress, device, **option_values):
             pass
         return x
+
+
+def _options(options: SamplingOptions | None, values: dict) -> SamplingOptions:
+    if options is not None and values:
+        raise ValueError(f"give the sampling options either as `options` or as keywords, not both ({sorted(values)})")
+    return options if options is not None else SamplingOptions(**values)
 
 
 class _SoftmaxPicks(torch.autograd.Function):

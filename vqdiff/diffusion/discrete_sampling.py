@@ -7,6 +7,7 @@ token at the last). `X0Distribution` gives both without building the guided, tem
 [B, K, N] distribution; tokens are drawn by inverse CDF. Work and memory stay O(B K N), no per-token loops.
 """
 
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -15,6 +16,30 @@ from ..options import SamplingStrategy
 from .guidance import guided_call
 from .losses import shifted_exp, stable_softmax
 from .truncation import truncate
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to sample VQ-Diffusion: the VQ-Diffusion keys of the config's `sample:` section, checked on creation.
+
+    steps: network calls (None: every step), evenly strided, each an exact skip step q(x_s | x_t, x0).
+    truncation_rate: keep the smallest set of classes holding that much of p(x0 | x_t) per token.
+    temperature: divides the logits. guidance_scale != 1: classifier-free guidance (needs null_cond).
+    strategy: ancestral, or purity (reveal the purest masked tokens first, Tang et al. 2022)."""
+    steps: int | None = None
+    truncation_rate: float = 1.0
+    temperature: float = 1.0
+    guidance_scale: float = 1.0
+    strategy: SamplingStrategy = SamplingStrategy.ANCESTRAL
+
+    def __post_init__(self):
+        object.__setattr__(self, "strategy", SamplingStrategy(self.strategy))
+        if not 0.0 < self.truncation_rate <= 1.0:
+            raise ValueError(f"truncation_rate must lie in (0, 1], got {self.truncation_rate}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
 
 
 def sampling_timesteps(num_timesteps: int, steps: int | None = None) -> list[int]:
@@ -238,21 +263,20 @@ def purity_step(x0_dist: X0Distribution, xt: torch.Tensor, mask_id: int, keep_ma
 
 
 @torch.no_grad()
-def sample_iter(diffusion, model, batch_size: int, num_tokens: int, cond: dict | None = None,
-                steps: int | None = None, truncation_rate: float = 1.0, temperature: float = 1.0,
-                guidance_scale: float = 1.0, null_cond: dict | None = None,
-                strategy: SamplingStrategy | str = SamplingStrategy.ANCESTRAL,
+def sample_iter(diffusion, model, batch_size: int, num_tokens: int, options: SamplingOptions,
+                cond: dict | None = None, null_cond: dict | None = None,
                 known_tokens: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, progress: bool = False, device=None):
     """Yield the token map `[B, N]` after every step; the last one has no [MASK]. See
     `MaskAndReplaceDiffusion.sample` for the arguments. Ancestral sampling starts from the prior
     p(x_{T-1}), purity sampling from all [MASK]."""
-    strategy = SamplingStrategy(strategy)
-    _check_options(truncation_rate, temperature, guidance_scale, null_cond)
+    strategy, truncation_rate, guidance_scale = options.strategy, options.truncation_rate, options.guidance_scale
+    if guidance_scale != 1.0 and null_cond is None:
+        raise ValueError(f"guidance_scale={guidance_scale} needs null_cond (the unconditional inputs)")
     cond = cond or {}
     device = _sample_device(device, known_tokens, cond, generator)
     known = _check_known(known_tokens, known_mask, batch_size, num_tokens, diffusion.num_classes, device)
-    times = sampling_timesteps(diffusion.num_timesteps, steps)
+    times = sampling_timesteps(diffusion.num_timesteps, options.steps)
     gamma_bar = diffusion.schedule.gamma_bar
     if strategy is SamplingStrategy.PURITY:
         if gamma_bar[times[0]] <= 0:
@@ -268,7 +292,7 @@ def sample_iter(diffusion, model, batch_size: int, num_tokens: int, cond: dict |
         cond_logits, null_logits = guided_call(model, xt, t_vec, cond, null_cond, guidance_scale)
         for logits in (cond_logits, null_logits):
             check_logits(logits, batch_size, diffusion.num_classes, num_tokens)
-        x0_dist = X0Distribution(cond_logits, null_logits, guidance_scale, temperature, truncation_rate)
+        x0_dist = X0Distribution(cond_logits, null_logits, guidance_scale, options.temperature, truncation_rate)
         if strategy is SamplingStrategy.PURITY:
             # keep the masked share of the schedule: gamma_bar_s / gamma_bar_{T-1} of those masked at first
             share = float(gamma_bar[s] / gamma_bar[times[0]]) if s >= 0 else 0.0
@@ -285,15 +309,6 @@ def sample_iter(diffusion, model, batch_size: int, num_tokens: int, cond: dict |
 def _dense(device: torch.device, truncation_rate: float) -> bool:
     """Whether ancestral steps read every token's row (`dense_ancestral_step`): on GPUs, without truncation."""
     return device.type != "cpu" and truncation_rate >= 1.0
-
-
-def _check_options(truncation_rate, temperature, guidance_scale, null_cond) -> None:
-    if not 0.0 < truncation_rate <= 1.0:
-        raise ValueError(f"truncation_rate must lie in (0, 1], got {truncation_rate}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    if guidance_scale != 1.0 and null_cond is None:
-        raise ValueError(f"guidance_scale={guidance_scale} needs null_cond (the unconditional inputs)")
 
 
 def check_logits(logits: torch.Tensor | None, batch_size: int, num_classes: int, num_tokens: int) -> None:

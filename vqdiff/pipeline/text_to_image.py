@@ -10,6 +10,7 @@ from PIL import Image
 from ..build import build_discrete_diffusion, token_grid
 from ..config import ExperimentConfig, ModelType
 from ..data.images import resize_center_crop
+from ..diffusion.discrete_sampling import SamplingOptions
 from ..images import to_pil
 from ..io.checkpoint import CheckpointError
 from ..validation import check_same_size
@@ -66,12 +67,12 @@ class TextToImagePipeline(TextPipeline):
                     **options):
         """Yield token maps [B, N] after each step (the last has no [MASK])."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        opts = self.sampling_options(**options)
-        cond, null_cond = self.conditions(prompts, opts["guidance_scale"])
+        opts = SamplingOptions(**self.sampling_options(**options))
+        cond, null_cond = self.conditions(prompts, opts.guidance_scale)
         yield from self.diffusion.sample_iter(
-            self.network, len(prompts), self.grid[0] * self.grid[1], cond=cond, null_cond=null_cond,
+            self.network, len(prompts), self.grid[0] * self.grid[1], cond=cond, null_cond=null_cond, options=opts,
             known_tokens=known_tokens, known_mask=known_mask, generator=generator, progress=progress,
-            device=self.device, **opts)
+            device=self.device)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> list[Image.Image]:

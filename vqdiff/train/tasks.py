@@ -147,7 +147,9 @@ def build_vq_task(cfg: ExperimentConfig) -> TrainTask:
     def pipeline(ema_model):
         return TextToImagePipeline(cfg, ema_model, diffusion, tokenizer)
 
-    return TrainTask(model=model, losses=losses, time_sampler=diffusion.time_sampler,
+    # VQ-Diffusion's importance sampler: p(t) ~ sqrt of the moving average of L_t^2, updated with losses["kl"]
+    time_sampler = build_time_sampler(cfg.discrete.time_sampler, diffusion.num_timesteps, ema_decay=0.9)
+    return TrainTask(model=model, losses=losses, time_sampler=time_sampler,
                      num_timesteps=diffusion.num_timesteps,
                      make_samples=lambda ema_model, generator: text_preview(pipeline(ema_model), generator),
                      architecture_sections=VQ_ARCHITECTURE, sampler_term="kl",
