@@ -291,6 +291,38 @@ def convert_command(argv: list[str]) -> None:
     CONVERTERS[argv[0]](argv[1:])
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serve_command(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="vqdiff serve",
+                                     description="A local web page and HTTP API for a text-to-image model.")
+    parser.add_argument("--model", required=True, help="run, checkpoint or pipeline folder (text-to-image)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="cast the transformer (see vqdiff sample)")
+    parser.add_argument("--max-batch", type=int, default=8, help="most images one request may ask for")
+    args = parser.parse_intermixed_args(argv)
+    check_counts(max_batch=args.max_batch)
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port: {args.port} is not a TCP port; allowed: 1 to 65535")
+    try:
+        import uvicorn
+        from .serve.app import create_app
+    except ImportError as error:
+        raise UserError(f"vqdiff serve needs the serve extra (missing {error.name}): pip install 'vqdiff[serve]'")
+    import torch
+    from .pipeline import load_pipeline
+    pipe = load_pipeline(args.model, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    app = create_app(pipe, args.max_batch)
+    if args.host not in LOOPBACK:
+        log.warning("serving on %s: the server has no authentication; anyone who can reach it can use the model",
+                    args.host)
+    log.info("serving %s at http://%s:%d/ (Ctrl-C stops)", args.model, args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 COMMANDS = {
     "train": train_command,
     "sample": sample_command,
@@ -298,6 +330,7 @@ COMMANDS = {
     "info": info_command,
     "eval-shapes": eval_shapes_command,
     "convert": convert_command,
+    "serve": serve_command,
 }
 
 
@@ -311,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
               "  sample-ddpm  sample a trained Gaussian DDPM into a PNG grid / GIF\n"
               "  info         parameter counts of a config's networks\n"
               "  eval-shapes  score a text-to-image model on shapes prompts (attribute accuracy, img/s)\n"
-              "  convert      released checkpoints and diffusers folders <-> vqdiff pipeline folders")
+              "  convert      released checkpoints and diffusers folders <-> vqdiff pipeline folders\n"
+              "  serve        a local web page and HTTP API for a text-to-image model")
         return 0 if command in ("-h", "--help") else 2
     setup_logging()
     # run_main takes --debug out of the arguments; the command is then the first one left
