@@ -39,7 +39,8 @@ def run(cfg, **kwargs):
     return train(cfg, tasks.build_task(cfg), build.build_train_dataset(cfg), progress=False, **kwargs)
 
 
-def test_train_resume_and_sample(tmp_path, tokenizer_dir, monkeypatch, capsys):
+def train_resumed_equals_straight(tmp_path, tokenizer_dir):
+    """8 steps straight, and 4 + 4 resumed, end at the same weights: (the straight run's config, its weights)."""
     straight = load_config(ROOT / "configs/shapes_tiny.yaml", tiny_overrides(tmp_path, tokenizer_dir, "a", 8))
     run(straight)
     first = load_config(ROOT / "configs/shapes_tiny.yaml", tiny_overrides(tmp_path, tokenizer_dir, "b", 4))
@@ -49,6 +50,11 @@ def test_train_resume_and_sample(tmp_path, tokenizer_dir, monkeypatch, capsys):
     a = load_weights(latest_checkpoint(straight.run_dir) / "model.safetensors")
     b = load_weights(latest_checkpoint(first.run_dir) / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    return straight, a
+
+
+def test_train_resume_and_sample(tmp_path, tokenizer_dir, monkeypatch, capsys):
+    straight, _ = train_resumed_equals_straight(tmp_path, tokenizer_dir)
 
     pipe = TextToImagePipeline.from_pretrained(straight.run_dir)
     prompts = ["a large red circle at the top left", "a small blue square at the center"]
@@ -224,15 +230,7 @@ def test_a_layered_tokenizer_gives_a_factored_transformer_that_trains_resumes_an
                             z_channels=16, embedding_dim=16, num_embeddings=24, factors=(6, 4), norm_groups=8,
                             encoder="layered", decoder="layered")
     tokenizer_dir = save_tokenizer(tokenizer.trim(torch.zeros(24, dtype=torch.long), 0), tmp_path / "tok")
-    straight = load_config(ROOT / "configs/shapes_tiny.yaml", tiny_overrides(tmp_path, tokenizer_dir, "a", 8))
-    run(straight)
-    first = load_config(ROOT / "configs/shapes_tiny.yaml", tiny_overrides(tmp_path, tokenizer_dir, "b", 4))
-    run(first)
-    run(load_config(ROOT / "configs/shapes_tiny.yaml", tiny_overrides(tmp_path, tokenizer_dir, "b", 8)),
-        resume="auto")
-    a = load_weights(latest_checkpoint(straight.run_dir) / "model.safetensors")
-    b = load_weights(latest_checkpoint(first.run_dir) / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    straight, a = train_resumed_equals_straight(tmp_path, tokenizer_dir)
     assert any(k.endswith("content_emb.emb_first.weight") for k in a)
     pipe = TextToImagePipeline.from_pretrained(straight.run_dir)
     assert pipe.model.network.factors == (6, 4)
