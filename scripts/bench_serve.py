@@ -7,34 +7,13 @@ first frame and last event (the page's view), and the server's overhead in perce
 """
 
 import argparse
-import contextlib
-import socket
 import statistics
-import threading
 import time
 
 import torch
 
 from vqdiff.errors import script_main
 from vqdiff.images import make_grid
-
-
-@contextlib.contextmanager
-def running(app):
-    import uvicorn
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join()
 
 
 def main(argv=None) -> None:
@@ -49,6 +28,7 @@ def main(argv=None) -> None:
     import httpx
     from vqdiff.pipeline import load_pipeline
     from vqdiff.serve.app import create_app
+    from vqdiff.serve.live import live_server
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
@@ -63,7 +43,8 @@ def main(argv=None) -> None:
         fn()
         return time.perf_counter() - start
 
-    with running(create_app(pipe, max_batch=max(8, args.n))) as url, httpx.Client(base_url=url, timeout=600) as client:
+    app = create_app(pipe, max_batch=max(8, args.n))
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=600) as client:
         def through_api():
             assert client.post("/api/generate", json=body).status_code == 200
 

@@ -22,6 +22,7 @@ from .diffusion.schedules import beta_schedule
 from .diffusion.timestep_sampler import ImportanceSampler, UniformSampler
 from .io.tokenizer import load_tokenizer
 from .models.conditioned import TextConditioned
+from .models.gumbel import SplitGumbelQuantizer
 from .models.mlp import MLPDenoiser
 from .models.transformer import TRANSFORMER_PRESETS, DiffusionTransformer
 from .models.transformer import parameter_counts as transformer_counts
@@ -246,8 +247,8 @@ def transformer_kwargs(cfg: ExperimentConfig) -> dict:
 def token_factors(tokenizer) -> tuple[int, int] | None:
     """A layered tokenizer's [outline, colour] codebook factors when all its codes are kept, else None: the
     transformer then embeds and predicts the two parts of a token apart (FactoredContentEmbedding)."""
-    quantize = getattr(tokenizer, "quantize", None)
-    if getattr(quantize, "hidden_split", None) is None or tokenizer.num_embeddings != tokenizer.codebook_size:
+    quantize = getattr(tokenizer, "quantize", None)  # a PatchVQGAN has none
+    if not isinstance(quantize, SplitGumbelQuantizer) or tokenizer.num_embeddings != tokenizer.codebook_size:
         return None
     return quantize.factors
 

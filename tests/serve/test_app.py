@@ -19,7 +19,7 @@ from vqdiff.images import make_grid  # noqa: E402
 from vqdiff.pipeline import load_pipeline  # noqa: E402
 from vqdiff.serve.app import create_app  # noqa: E402
 
-from .live import live_server  # noqa: E402
+from vqdiff.serve.live import live_server  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "format_v1"
 PROMPT = "a red circle"  # the fixtures read 8 text tokens

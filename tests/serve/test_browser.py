@@ -26,7 +26,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from vqdiff.pipeline import load_pipeline  # noqa: E402
 from vqdiff.serve.app import create_app  # noqa: E402
 
-from .live import live_server  # noqa: E402
+from vqdiff.serve.live import live_server  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "format_v1" / "vq_pipeline"
 

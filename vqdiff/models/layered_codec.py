@@ -62,10 +62,10 @@ class LayeredDecoder(nn.Module):
         return 1 + alpha * (colour - 1)  # white is +1
 
 
-def split_sizes(total: int) -> tuple[int, int]:
-    """(outline, colour) channels of a latent: three quarters to the outline, which has the harder job."""
-    outline = max(1, (3 * total) // 4)
-    return outline, total - outline
+def outline_channels(total: int) -> int:
+    """The outline's share of a latent's channels (the colour takes the rest): three quarters, as it has the
+    harder job."""
+    return max(1, (3 * total) // 4)
 
 
 def check_layered(encoder: str, decoder: str, factors: Sequence[int] | None, out_channels: int) -> None:

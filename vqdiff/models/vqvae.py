@@ -13,7 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .gumbel import FactoredGumbelQuantizer, GumbelQuantizer, SplitGumbelQuantizer
-from .layered_codec import LayeredDecoder, LayeredEncoder, check_layered, split_sizes
+from .layered_codec import LayeredDecoder, LayeredEncoder, check_layered, outline_channels
 from .patch_codec import PatchDecoder, PatchEncoder
 from .taming_blocks import Decoder, Encoder
 
@@ -130,7 +130,7 @@ class GumbelVQVAE(ImageCodec):
         quantizer = dict(straight_through=straight_through, kl_weight=kl_weight, temperature=temperature)
         if encoder == "layered":
             # the 1x1 convs around the quantizer would mix the two factors' channels: identities instead
-            hidden_split, embed_split = split_sizes(z_channels)[0], split_sizes(embedding_dim)[0]
+            hidden_split, embed_split = outline_channels(z_channels), outline_channels(embedding_dim)
             outline = Encoder(in_channels=1, **{**levels, "z_channels": hidden_split})
             self.encoder = LayeredEncoder(outline, hidden_split, z_channels, f)
             self.decoder = LayeredDecoder(Decoder(out_channels=1, **{**levels, "z_channels": embed_split}),
@@ -192,7 +192,7 @@ class GumbelVQVAE(ImageCodec):
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Training pass: dict(recon [B, C, H, W] unclamped, logits [B, K', h, w], kl, kl_loss, tokens [B, h, w])."""
         self.check_images(images)
-        restarts = self.quantize.training and hasattr(self.quantize, "restart_unused") and self.code_map is None
+        restarts = isinstance(self.quantize, SplitGumbelQuantizer) and self.quantize.training and self.code_map is None
         if restarts:
             self.quantize.restart_unused()  # before the weights are used, so autograd sees no in-place change
         z = self.quant_conv(self.encoder(images))

@@ -123,10 +123,7 @@ def create_app(pipe, max_batch: int = 8) -> Starlette:
         return JSONResponse(rules.info())
 
     async def generate(request: Request) -> Response:
-        try:
-            job = await parse(request)
-        except BadRequest as error:
-            return _bad(str(error))
+        job = await parse(request)
         cancelled = threading.Event()
         future = asyncio.wrap_future(worker.submit(job, cancelled))
         while not future.done():
@@ -141,10 +138,7 @@ def create_app(pipe, max_batch: int = 8) -> Starlette:
         return Response(png_bytes(grid), media_type="image/png")
 
     async def stream(request: Request) -> Response:
-        try:
-            job = await parse(request)
-        except BadRequest as error:
-            return _bad(str(error))
+        job = await parse(request)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
@@ -185,7 +179,8 @@ def create_app(pipe, max_batch: int = 8) -> Starlette:
 
     app = Starlette(routes=[Route("/", index), Route("/api/info", info),
                             Route("/api/generate", generate, methods=["POST"]),
-                            Route("/api/stream", stream, methods=["POST"])])
+                            Route("/api/stream", stream, methods=["POST"])],
+                    exception_handlers={BadRequest: lambda request, error: _bad(str(error))})
     app.state.worker = worker
     return app
 

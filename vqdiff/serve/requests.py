@@ -55,7 +55,7 @@ class RequestRules:
         self.pipe, self.max_batch = pipe, max_batch
         self.max_steps = pipe.diffusion.num_timesteps
         self.prompt_tokens = pipe.model.text_encoder.context_length
-        # each option the model takes -> how to read it
+        # each sampling option of any model type -> how to read it
         readers = {
             "steps": lambda body: _integer(body, "steps", 1, 1, self.max_steps),
             "guidance_scale": lambda body: _number(body, "guidance_scale", 0.0, MAX_GUIDANCE),
@@ -65,7 +65,8 @@ class RequestRules:
             "sampler": lambda body: _choice(body, "sampler", [s.value for s in Sampler]),
             "eta": lambda body: _number(body, "eta", 0.0, 1.0),
         }
-        self.readers = {name: readers[name] for name in pipe.OPTIONS}
+        self.readers = {name: readers[name] for name in pipe.OPTIONS}  # this model's
+        self.foreign = set(readers) - set(self.readers)  # another model type's
 
     def parse(self, body) -> GenerateRequest:
         if not isinstance(body, dict):
@@ -74,7 +75,7 @@ class RequestRules:
         for name in body:
             if name in known:
                 continue
-            if name in ("truncation_rate", "temperature", "strategy", "sampler", "eta"):
+            if name in self.foreign:
                 raise BadRequest(f"{name}: not an option of this {self.kind} model; its options: "
                                  f"{sorted(self.readers)}")
             raise BadRequest(f"{name}: unknown field; allowed: {sorted(known)}")

@@ -1,4 +1,5 @@
-"""A real uvicorn server on a free localhost port, in a thread, for tests that need HTTP streaming or a browser."""
+"""Serve an app from a thread on a free localhost port: for the serve tests (HTTP streaming, a browser) and
+scripts/bench_serve.py, which need a real server beside the code that calls it."""
 
 import contextlib
 import socket
@@ -15,13 +16,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live_server(app):
-    """Serve `app` until the block ends; yields its base URL."""
+def live_server(app, timeout: float = 30.0):
+    """Serve `app` with uvicorn until the block ends; yields its base URL."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError(f"uvicorn did not start on port {port}")
@@ -30,4 +31,4 @@ def live_server(app):
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        thread.join(timeout=30)
+        thread.join(timeout=timeout)
