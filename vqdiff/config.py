@@ -73,6 +73,7 @@ class DataConfig:
     extent_range: list[float] | None = None
     shift: float = 0.0
     flip: bool = False
+    omit_attributes: float = 0.0     # shapes text-to-image training: P(drop a colour / shape word), data/omission.py
     batch_size: int = 64
     num_workers: int = 0
     tokens: str | None = None        # token cache from scripts/encode_tokens.py (VQ-Diffusion training)
@@ -297,8 +298,7 @@ def vqvae_override(item: str) -> str:
 def split_tokenizer_section(data: dict) -> dict:
     """Configs written before `vqvae:` existed (and checkpoints saved by them) hold the tokenizer to train under
     `tokenizer:`: those keys move to `vqvae:`, so every such file loads unchanged."""
-    tokenizer = data.get("tokenizer")
-    names = VQVAE_KEYS
+    tokenizer, names = data.get("tokenizer"), VQVAE_KEYS
     if not isinstance(tokenizer, dict) or not names & set(tokenizer):
         return data
     vqvae = data.get("vqvae") or {}

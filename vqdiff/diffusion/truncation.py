@@ -46,17 +46,41 @@ def truncation_threshold(probs: torch.Tensor, rate: float) -> torch.Tensor:
     if probs.dtype == torch.float64 or probs.shape[0] == 0:
         return sorted_threshold(probs, rate)
     values = probs.float().contiguous()  # exact for bfloat16 and float16
-    # on CPU, blocks of rows whose 8-byte temporaries stay in cache and below glibc's mmap threshold
+    # on CPU, blocks of rows whose temporaries stay in cache
     rows = max(1, CHUNK_ELEMENTS // values.shape[1]) if values.device.type == "cpu" else values.shape[0]
-    return torch.cat([_threshold(block, rate) for block in values.split(rows)])
+    # One set of temporaries for every block: fresh multi-MiB buffers per block are fresh pages from the
+    # kernel, and their page faults cost more than the selection's arithmetic (2x the block's time on CPU).
+    workspace = _Workspace(min(rows, values.shape[0]) * values.shape[1], values.device)
+    return torch.cat([_threshold(block, rate, workspace) for block in values.split(rows)])
 
 
-def _threshold(values: torch.Tensor, rate: float) -> torch.Tensor:
+class _Workspace:
+    """Flat int32, int64 and float64 buffers of `size` elements, viewed as each block's shape in turn."""
+
+    def __init__(self, size: int, device: torch.device):
+        self.int32 = torch.empty(size, dtype=torch.int32, device=device)
+        self.int64 = torch.empty(size, dtype=torch.int64, device=device)
+        self.float64 = torch.empty(size, dtype=torch.float64, device=device)
+        self.mass = torch.empty(0, dtype=torch.float64, device=device)
+
+    def view(self, name: str, shape: tuple[int, int]) -> torch.Tensor:
+        return getattr(self, name)[:shape[0] * shape[1]].view(shape)
+
+    def zero_mass(self, shape: tuple[int, int]) -> torch.Tensor:
+        if self.mass.numel() < shape[0] * shape[1]:
+            self.mass = torch.empty(shape[0] * shape[1], dtype=torch.float64, device=self.mass.device)
+        return self.mass[:shape[0] * shape[1]].view(shape).zero_()
+
+
+def _threshold(values: torch.Tensor, rate: float, workspace: _Workspace) -> torch.Tensor:
     num_rows, num_classes = values.shape
     # a row's classes below (1 - rate) / K hold less than 1 - rate together: its threshold lies above that
-    bucket, num_buckets = _buckets(values, max((1.0 - rate) / num_classes / 2, EXACT_FLOOR))
-    mass = torch.zeros(num_rows, num_buckets, dtype=torch.float64, device=values.device)
-    from_top = mass.scatter_add_(1, bucket.long(), values.double()).cumsum_(1)  # mass of buckets 0..j
+    bucket, num_buckets = _buckets(values, max((1.0 - rate) / num_classes / 2, EXACT_FLOOR),
+                                   workspace.view("int32", values.shape))
+    mass = workspace.zero_mass((num_rows, num_buckets))
+    index = workspace.view("int64", values.shape).copy_(bucket)
+    from_top = mass.scatter_add_(1, index, workspace.view("float64", values.shape).copy_(values))
+    from_top = from_top.cumsum_(1)  # mass of buckets 0..j
     crossing = (from_top < rate).sum(dim=1)  # [R]: the bucket holding the threshold
     above = torch.where(crossing > 0, from_top.gather(1, (crossing - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0.0)
     in_range = crossing < num_buckets - 1  # else the row crosses below the range or never reaches rate
@@ -68,15 +92,15 @@ def _threshold(values: torch.Tensor, rate: float) -> torch.Tensor:
     return threshold
 
 
-def _buckets(values: torch.Tensor, floor: float):
-    """Bucket `[R, K]` (int32) of each value and the bucket count, from the top: one per 1 / 2^BUCKET_BITS of
-    a power of two from 1 (values above 1 join it) down to `floor`, then one for everything below. Non-negative
-    floats order as their bit patterns, so buckets order as values."""
+def _buckets(values: torch.Tensor, floor: float, out: torch.Tensor):
+    """Bucket `[R, K]` (int32, written into `out`) of each value and the bucket count, from the top: one per
+    1 / 2^BUCKET_BITS of a power of two from 1 (values above 1 join it) down to `floor`, then one for everything
+    below. Non-negative floats order as their bit patterns, so buckets order as values."""
     shift = 23 - BUCKET_BITS
     top, lowest = (int(torch.tensor(v, dtype=torch.float32).view(torch.int32)) >> shift for v in (1.0, floor))
     num_buckets = top - lowest + 2
-    bucket = (values.view(torch.int32) >> shift).neg_().add_(top).clamp_(0, num_buckets - 1)
-    return bucket, num_buckets
+    bucket = torch.bitwise_right_shift(values.view(torch.int32), shift, out=out)
+    return bucket.neg_().add_(top).clamp_(0, num_buckets - 1), num_buckets
 
 
 def _within_bucket(values: torch.Tensor, elsewhere: torch.Tensor, above: torch.Tensor, rate: float) -> torch.Tensor:
