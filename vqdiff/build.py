@@ -13,7 +13,6 @@ from torch import nn
 from .config import ConfigError, DiffusionSpace, ExperimentConfig, ModelType, Network
 from .data.captions import CocoCaptions, caption_folder
 from .data.images import CIFAR10, MNIST, ImageFolder
-from .data.omission import OmitAttributes
 from .data.shapes import ShapesDataset
 from .data.tokens import TokenDataset, dataset_fingerprint
 from .data.toy2d import Toy2D
@@ -29,7 +28,7 @@ from .models.transformer import TRANSFORMER_PRESETS, DiffusionTransformer
 from .models.transformer import parameter_counts as transformer_counts
 from .models.unet import UNet
 from .models.vqvae import GumbelVQVAE
-from .options import DataName, TimeSampler
+from .options import TimeSampler
 
 IMAGE_DATA = ("cifar10", "mnist", "image_folder", "shapes")
 VECTOR_DATA = ("toy2d",)
@@ -115,16 +114,11 @@ def build_vq_dataset(cfg: ExperimentConfig, split: str = "train"):
 
 
 def build_train_dataset(cfg: ExperimentConfig):
-    """What the trainer iterates: VQ-Diffusion and a latent DDPM read the token cache when data.tokens is set;
-    data.omit_attributes rewrites the shapes captions (OmitAttributes)."""
+    """What the trainer iterates: VQ-Diffusion and a latent DDPM read the token cache when data.tokens is set."""
     latent_ddpm = cfg.model is ModelType.DDPM and cfg.gaussian.space is DiffusionSpace.LATENT
-    dataset = build_vq_dataset(cfg) if cfg.model is ModelType.VQ_DIFFUSION or latent_ddpm else build_dataset(cfg)
-    if cfg.data.omit_attributes > 0:
-        if cfg.data.name is not DataName.SHAPES or cfg.model is ModelType.VQVAE:
-            raise ConfigError("data.omit_attributes: rewrites shapes captions for text-to-image training; "
-                              f"not for data.name {cfg.data.name.value} with model {cfg.model.value}")
-        dataset = OmitAttributes(dataset, cfg.data.omit_attributes, cfg.data.seed)
-    return dataset
+    if cfg.model is ModelType.VQ_DIFFUSION or latent_ddpm:
+        return build_vq_dataset(cfg)
+    return build_dataset(cfg)
 
 
 # ---- tokenizers ------------------------------------------------------------------------------------

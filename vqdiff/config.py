@@ -73,7 +73,6 @@ class DataConfig:
     extent_range: list[float] | None = None
     shift: float = 0.0
     flip: bool = False
-    omit_attributes: float = 0.0     # shapes text-to-image training: P(drop a colour / shape word), data/omission.py
     batch_size: int = 64
     num_workers: int = 0
     tokens: str | None = None        # token cache from scripts/encode_tokens.py (VQ-Diffusion training)

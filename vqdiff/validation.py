@@ -104,7 +104,6 @@ def _check_data(d) -> None:
     at_least("data.max_objects", d.max_objects, 1)
     at_least("data.batch_size", d.batch_size, 1)
     at_least("data.num_workers", d.num_workers, 0)
-    in_range("data.omit_attributes", d.omit_attributes, 0.0, 1.0)
 
 
 def _check_train(t) -> None:
