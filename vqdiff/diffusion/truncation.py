@@ -17,6 +17,7 @@ import torch
 
 BUCKET_BITS = 6  # mantissa bits in a bucket's key: 64 buckets per power of two, a few dozen classes in one
 CHUNK_ELEMENTS = 1 << 20  # rows per block on CPU: 8 MiB of int64 / float64 temporaries
+BELOW_COLUMNS = 16  # histogram columns that share the classes below the buckets' range (a power of two)
 EXACT_FLOOR = 2.0**-29  # float32 values from here up are multiples of 2^-52: their float64 sums are exact
 
 
@@ -75,10 +76,15 @@ class _Workspace:
 def _threshold(values: torch.Tensor, rate: float, workspace: _Workspace) -> torch.Tensor:
     num_rows, num_classes = values.shape
     # a row's classes below (1 - rate) / K hold less than 1 - rate together: its threshold lies above that
-    bucket, num_buckets = _buckets(values, max((1.0 - rate) / num_classes / 2, EXACT_FLOOR),
-                                   workspace.view("int32", values.shape))
-    mass = workspace.zero_mass((num_rows, num_buckets))
-    index = workspace.view("int64", values.shape).copy_(bucket)
+    raw, num_buckets = _buckets(values, max((1.0 - rate) / num_classes / 2, EXACT_FLOOR),
+                                workspace.view("int32", values.shape))
+    # The classes below the floor (most of a peaked row) share the last bucket; summed into one address,
+    # each addition waits for the one before (4x the scatter's time). Their low bits spread them over
+    # BELOW_COLUMNS columns instead, all after the last real bucket, so the crossing test is unchanged.
+    index = workspace.view("int64", values.shape).copy_(raw).sub_(num_buckets - 1).clamp_(min=0)
+    bucket = raw.clamp_(max=num_buckets - 1)
+    index.bitwise_and_(BELOW_COLUMNS - 1).add_(bucket)
+    mass = workspace.zero_mass((num_rows, num_buckets - 1 + BELOW_COLUMNS))
     from_top = mass.scatter_add_(1, index, workspace.view("float64", values.shape).copy_(values))
     from_top = from_top.cumsum_(1)  # mass of buckets 0..j
     crossing = (from_top < rate).sum(dim=1)  # [R]: the bucket holding the threshold
@@ -95,12 +101,13 @@ def _threshold(values: torch.Tensor, rate: float, workspace: _Workspace) -> torc
 def _buckets(values: torch.Tensor, floor: float, out: torch.Tensor):
     """Bucket `[R, K]` (int32, written into `out`) of each value and the bucket count, from the top: one per
     1 / 2^BUCKET_BITS of a power of two from 1 (values above 1 join it) down to `floor`, then one for everything
-    below. Non-negative floats order as their bit patterns, so buckets order as values."""
+    below (returned unclamped there: the caller spreads those). Non-negative floats order as their bit patterns,
+    so buckets order as values."""
     shift = 23 - BUCKET_BITS
     top, lowest = (int(torch.tensor(v, dtype=torch.float32).view(torch.int32)) >> shift for v in (1.0, floor))
     num_buckets = top - lowest + 2
     bucket = torch.bitwise_right_shift(values.view(torch.int32), shift, out=out)
-    return bucket.neg_().add_(top).clamp_(0, num_buckets - 1), num_buckets
+    return bucket.neg_().add_(top).clamp_(min=0), num_buckets
 
 
 def _within_bucket(values: torch.Tensor, elsewhere: torch.Tensor, above: torch.Tensor, rate: float) -> torch.Tensor:
