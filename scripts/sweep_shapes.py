@@ -3,10 +3,11 @@
     python scripts/sweep_shapes.py --checkpoint outputs/shapes --table strategies --n 50
     python scripts/sweep_shapes.py --checkpoint outputs/shapes --table guidance --n 100
     python scripts/sweep_shapes.py --checkpoint outputs/shapes --table truncation --n 100
+    python scripts/sweep_shapes.py --checkpoint runs/ddpm_shapes --table steps --n 100     # any model
 
 strategies: ancestral and purity, unguided and with the config's guidance scale, at 10/25/50/100 steps.
-guidance: scales 1, 2, 3, 5 at 25 steps; truncation: rates 1, 0.95, 0.86, 0.7, 0.5 at 25 steps (the config's
-other options). Every cell samples the same `--n` val and `--n` held-out prompts with the same seed and
+guidance: scales 1, 2, 3, 5 at 25 steps; truncation: rates 1, 0.95, 0.86, 0.7, 0.5 at 25 steps; steps: 10, 25,
+50, 100 steps (the config's other options). Gaussian DDPMs take the guidance and steps tables. Every cell samples the same `--n` val and `--n` held-out prompts with the same seed and
 reports per-image all-attribute accuracy (one-object, two-object, seen, held-out) and images/s.
 """
 
@@ -15,9 +16,11 @@ import json
 import time
 
 from vqdiff.data.shapes import eval_prompts
-from vqdiff.errors import script_main
+from vqdiff.errors import UserError, script_main
 from vqdiff.eval.compare import GROUPS, accuracies, sample_images
-from vqdiff.pipeline import TextToImagePipeline
+from vqdiff.pipeline import TextToImagePipeline, load_pipeline
+
+VQ_TABLES = ("strategies", "truncation")
 
 
 def cells(table: str, guidance: float, num_timesteps: int) -> list[dict]:
@@ -26,6 +29,8 @@ def cells(table: str, guidance: float, num_timesteps: int) -> list[dict]:
         return [dict(strategy=s, guidance_scale=g, steps=min(n, num_timesteps)) for s in ("ancestral", "purity")
                 for g in (1.0, guidance) for n in (10, 25, 50, 100)]
     steps = min(25, num_timesteps)
+    if table == "steps":
+        return [dict(steps=min(n, num_timesteps)) for n in (10, 25, 50, 100)]
     if table == "guidance":
         return [dict(guidance_scale=g, steps=steps) for g in (1.0, 2.0, 3.0, 5.0)]
     return [dict(truncation_rate=r, steps=steps) for r in (1.0, 0.95, 0.86, 0.7, 0.5)]
@@ -42,7 +47,7 @@ def run_cell(pipe, prompts: list[str], options: dict, batch_size: int, seed: int
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="run directory, checkpoint or pipeline directory")
-    parser.add_argument("--table", choices=("strategies", "guidance", "truncation"), required=True)
+    parser.add_argument("--table", choices=("strategies", "guidance", "truncation", "steps"), required=True)
     parser.add_argument("--n", type=int, default=50, help="prompts per split (val and held-out)")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
@@ -50,23 +55,29 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args(argv)
-    pipe = TextToImagePipeline.from_pretrained(args.checkpoint, device=args.device)
+    pipe = load_pipeline(args.checkpoint, device=args.device)
+    if args.table in VQ_TABLES and not isinstance(pipe, TextToImagePipeline):
+        raise UserError(f"--table {args.table}: a VQ-Diffusion table; {args.checkpoint} holds a Gaussian model "
+                        f"(use --table guidance or steps)")
     max_objects = pipe.cfg.data.max_objects
     prompts = [c for split in ("val", "heldout") for c, _ in eval_prompts(split, args.n, args.prompt_seed,
                                                                           max_objects=max_objects)]
     guidance = pipe.cfg.sample.guidance_scale if pipe.cfg.sample.guidance_scale != 1.0 else 3.0
     print(f"# {args.checkpoint}: {len(prompts)} prompts per cell ({args.n} val + {args.n} held-out), "
           f"per-image all-attribute accuracy in %")
-    print("| strategy | steps | guidance | truncation | " + " | ".join(GROUPS) + " | img/s |")
-    print("|---" * (5 + len(GROUPS)) + "|")
+    vq = isinstance(pipe, TextToImagePipeline)
+    columns = ["strategy", "steps", "guidance", "truncation"] if vq else ["sampler", "steps", "guidance"]
+    print("| " + " | ".join(columns + list(GROUPS)) + " | img/s |")
+    print("|---" * (len(columns) + 1 + len(GROUPS)) + "|")
     rows = []
     for options in cells(args.table, guidance, pipe.diffusion.num_timesteps):
         row = run_cell(pipe, prompts, options, args.batch_size, args.seed)
         rows.append(row)
         o = row["options"]
         accuracy = " | ".join("-" if v is None else f"{100 * v:.1f}" for v in row["accuracy"].values())
-        print(f"| {o['strategy']} | {o['steps']} | {o['guidance_scale']:g} | {o['truncation_rate']:g} | {accuracy} "
-              f"| {row['images_per_s']:.2f} |", flush=True)
+        settings = ([o["strategy"], o["steps"], f"{o['guidance_scale']:g}", f"{o['truncation_rate']:g}"] if vq
+                    else [getattr(o["sampler"], "value", o["sampler"]), o["steps"], f"{o['guidance_scale']:g}"])
+        print("| " + " | ".join(map(str, settings)) + f" | {accuracy} | {row['images_per_s']:.2f} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -1,4 +1,4 @@
-"""Pictures for people: tensors to PIL, captioned grids, GIFs and 2-D scatter plots (no matplotlib)."""
+"""Pictures for people: tensors to PIL, captioned grids, GIFs, 2-D scatter plots and line plots (no matplotlib)."""
 
 import math
 import textwrap
@@ -66,3 +66,59 @@ def scatter(points: torch.Tensor, reference: torch.Tensor | None = None, size: i
         plot(reference, (190, 190, 190))
     plot(points, (30, 90, 200))
     return image
+
+
+LINE_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207))
+
+
+def line_plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str, y_range=(0.0, 100.0),
+              size: tuple[int, int] = (640, 400), title: str | None = None) -> Image.Image:
+    """Lines of (x, y) points, one colour per named series, with axes, ticks, grid lines and a legend."""
+    if not series or not any(series.values()):
+        raise ValueError("line_plot needs at least one series with points")
+    width, height = size
+    left, right, top, bottom = 56, 16, 28 if title else 12, 40
+    x_max = max(x for points in series.values() for x, _ in points) or 1.0
+    x_step = nice_step(x_max / 6)
+    x_max = math.ceil(x_max / x_step) * x_step
+    y_lo, y_hi = y_range
+    image = Image.new("RGB", size, "white")
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return (left + (width - left - right) * x / x_max,
+                height - bottom - (height - top - bottom) * (y - y_lo) / (y_hi - y_lo))
+
+    y_step = nice_step((y_hi - y_lo) / 5)
+    for k in range(int((y_hi - y_lo) / y_step + 1e-9) + 1):
+        y = y_lo + k * y_step
+        draw.line([at(0, y), at(x_max, y)], fill=(225, 225, 225))
+        draw.text((4, at(0, y)[1] - 5), f"{y:g}", fill=(0, 0, 0), font=font)
+    for k in range(int(x_max / x_step + 1e-9) + 1):
+        x = k * x_step
+        draw.line([at(x, y_lo), at(x, y_hi)], fill=(235, 235, 235))
+        draw.text((at(x, y_lo)[0] - 6, height - bottom + 4), f"{x:g}", fill=(0, 0, 0), font=font)
+    draw.rectangle([at(0, y_hi), at(x_max, y_lo)], outline=(0, 0, 0))
+    draw.text(((width - 6 * len(x_label)) / 2, height - 16), x_label, fill=(0, 0, 0), font=font)
+    draw.text((4, top - 12 if title else 0), y_label, fill=(0, 0, 0), font=font)
+    if title:
+        draw.text(((width - 6 * len(title)) / 2, 2), title, fill=(0, 0, 0), font=font)
+    for i, (name, points) in enumerate(series.items()):
+        colour = LINE_COLOURS[i % len(LINE_COLOURS)]
+        xy = [at(x, y) for x, y in sorted(points)]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        for x, y in xy:
+            draw.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], fill=colour)
+        legend_y = top + 6 + 13 * i
+        draw.line([(left + 10, legend_y + 5), (left + 28, legend_y + 5)], fill=colour, width=2)
+        draw.text((left + 32, legend_y), name, fill=(0, 0, 0), font=font)
+    return image
+
+
+def nice_step(span: float) -> float:
+    """1, 2 or 5 times a power of ten, the smallest such at least `span` (tick spacing)."""
+    if span <= 0:
+        return 1.0
+    power = 10.0 ** math.floor(math.log10(span))
+    return next(m * power for m in (1, 2, 5, 10) if m * power >= span - 1e-12)

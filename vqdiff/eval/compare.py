@@ -64,28 +64,36 @@ def run_log(model_dir: "str | Path") -> Path | None:
     return next((d / "log.jsonl" for d in (path, path.parent.parent) if (d / "log.jsonl").is_file()), None)
 
 
+def logged_evaluations(log_path: Path | None, group: str = "1 object") -> list[tuple[float, float]]:
+    """(training seconds, `group` per-image accuracy) of each evaluation a run logged (train.eval_every)."""
+    if log_path is None:
+        return []
+    return [(record["trained_s"], record["eval"][group]) for record in map(json.loads, log_path.read_text().splitlines())
+            if group in record.get("eval", {})]
+
+
 def time_to_accuracy(log_path: Path | None, threshold: float = 0.8, group: str = "1 object") -> float | str:
     """Training seconds at the first logged evaluation (train.eval_every) whose `group` per-image accuracy reaches
     `threshold`; "not logged" without such evaluations, "not reached" when none reaches it."""
-    if log_path is None:
-        return "not logged"
-    evaluations = [record for record in map(json.loads, log_path.read_text().splitlines())
-                   if group in record.get("eval", {})]
+    evaluations = logged_evaluations(log_path, group)
     if not evaluations:
         return "not logged"
-    return next((r["trained_s"] for r in evaluations if r["eval"][group] >= threshold), "not reached")
+    return next((seconds for seconds, accuracy in evaluations if accuracy >= threshold), "not reached")
 
 
 def compare(named_pipes: dict, prompts: list[str], speed_prompts: list[str], batch_size: int = 50, seed: int = 0,
-            step_counts=STEP_COUNTS, log_dirs: dict | None = None, **options) -> list[dict]:
+            step_counts=STEP_COUNTS, log_dirs: dict | None = None, per_model: dict | None = None,
+            **options) -> list[dict]:
     """One row per model: kind, parameter counts, accuracies, images/s per step count, time to 80% one-object.
 
-    `options` (steps, guidance_scale; None = each model's config) apply to the accuracy run; the speed runs use
-    each model's options except the step count. VQ-Diffusion step counts are capped at its T."""
+    `options` (steps, guidance_scale; None = each model's config) apply to every model's accuracy run, and
+    `per_model[name]` (a dict of sampling options) to that model's on top; the speed runs use each model's
+    options except the step count. VQ-Diffusion step counts are capped at its T."""
     rows = []
     for name, pipe in named_pipes.items():
-        chosen = {k: v for k, v in options.items() if v is not None}
-        row = {"model": name, "kind": model_kind(pipe.cfg), "parameters": parameter_counts(pipe),
+        chosen = {k: v for k, v in options.items() if v is not None} | (per_model or {}).get(name, {})
+        row = {"model": name, "kind": model_kind(pipe.cfg), "options": pipe.sampling_options(**chosen),
+               "parameters": parameter_counts(pipe),
                "accuracy": accuracies(sample_images(pipe, prompts, batch_size, seed, desc=name, **chosen), prompts)}
         speed_options = {k: v for k, v in chosen.items() if k != "steps"}
         row["images_per_s"] = {n: images_per_second(pipe, speed_prompts, min(n, pipe.diffusion.num_timesteps), seed,

@@ -1,10 +1,11 @@
 """How a sampled Shapes image takes shape, step by step (scripts/trace_shapes.py).
 
-After chosen sampling steps every still-masked token is filled with the network's most likely x0 (the guided
-logits the next step would use), and the token map is decoded and scored against its prompt. The first row
-(before any step: every token masked, t = T-1) is what the caption alone makes the network predict; the last row
-is the sample itself. Accuracy that the first rows have and the last lacks is lost while sampling; accuracy that
-none has was never learned.
+VQ-Diffusion: after chosen sampling steps every still-masked token is filled with the network's most likely x0
+(the guided logits the next step would use), and the token map is decoded and scored against its prompt. The first
+row (before any step: every token masked, t = T-1) is what the caption alone makes the network predict; the last
+row is the sample itself. A Gaussian DDPM: at chosen steps its (guided) prediction of x0 is decoded and scored; the
+first step's prediction is made from pure noise and the caption. Accuracy that the first rows have and the last
+lacks is lost while sampling; accuracy that none has was never learned.
 """
 
 from collections.abc import Sequence
@@ -22,18 +23,23 @@ COLUMNS = ("colour", "shape", "position", "size", "image", "extra")
 
 @dataclass
 class SamplingTrace:
-    """One row per recorded step: `step` (0-based, -1 before the first), the share of tokens revealed, and the
-    `all` group of `evaluate` (per-object attribute accuracy, per-image accuracy, share with extra objects)."""
+    """One row per recorded step: `step` (0-based, -1 before the first), the share of tokens revealed (VQ) or the
+    noise step t the row's x0 prediction was made at (Gaussian: `revealed` is None), and the `all` group of
+    `evaluate` (per-object attribute accuracy, per-image accuracy, share with extra objects)."""
     images: int
     steps: list[int]
-    revealed: list[float]
+    revealed: list[float] | None
     scores: list[dict[str, float]]
+    t: list[int] | None = None
 
     def table(self) -> str:
-        lines = [f"{'step':>5s} {'revealed %':>10s}" + "".join(f"{c:>9s}" for c in COLUMNS)]
-        for step, revealed, score in zip(self.steps, self.revealed, self.scores):
+        second = f"{'revealed %':>10s}" if self.revealed is not None else f"{'t':>10s}"
+        lines = [f"{'step':>5s} {second}" + "".join(f"{c:>9s}" for c in COLUMNS)]
+        marks = ([f"{100 * r:10.1f}" for r in self.revealed] if self.revealed is not None
+                 else [f"{t:10d}" for t in self.t])
+        for step, mark, score in zip(self.steps, marks, self.scores):
             label = "start" if step < 0 else str(step + 1)
-            lines.append(f"{label:>5s} {100 * revealed:10.1f}" + "".join(f"{100 * score[c]:9.1f}" for c in COLUMNS))
+            lines.append(f"{label:>5s} {mark}" + "".join(f"{100 * score[c]:9.1f}" for c in COLUMNS))
         return "\n".join(lines)
 
 
@@ -88,3 +94,28 @@ def trace_sampling(pipe, prompts: Sequence[str], at: Sequence[int] | None = None
         scores.append({c: group[c] for c in COLUMNS})
     total = len(prompts) * num_tokens
     return SamplingTrace(len(prompts), rows, [0.0] + [revealed[k] / total for k in at], scores)
+
+
+@torch.no_grad()
+def trace_gaussian(pipe, prompts: Sequence[str], at: Sequence[int] | None = None, seed: int = 0,
+                   batch_size: int = 50, progress: bool = True, **options) -> SamplingTrace:
+    """Trace a GaussianTextToImagePipeline's sampling of `prompts`: its x0 prediction at the 0-based steps `at`
+    (default `record_steps`), the last of them the sample itself."""
+    opts = pipe.sampling_options(**options)
+    num_steps = pipe.diffusion.respace(opts["steps"]).num_timesteps if opts["steps"] else pipe.diffusion.num_timesteps
+    at = sorted(set(record_steps(num_steps) if at is None else at))
+    if at and not 0 <= at[0] <= at[-1] < num_steps:
+        raise ValueError(f"steps to record must lie in [0, {num_steps - 1}], got {at}")
+    generator = torch.Generator(pipe.device).manual_seed(seed)
+    predicted, t = {k: [] for k in at}, {}
+    for i in tqdm(range(0, len(prompts), batch_size), desc="trace", disable=not progress):
+        states = pipe.sample_states(list(prompts[i:i + batch_size]), generator, progress=False, **opts)
+        for k, state in enumerate(states):
+            if k in predicted:
+                predicted[k].append(state["sample"] if k == num_steps - 1 else state["pred_xstart"])
+                t[k] = state["t"]
+    scores = []
+    for k in at:
+        group = evaluate(pipe.decode(torch.cat(predicted[k])), list(prompts)).groups["all"]
+        scores.append({c: group[c] for c in COLUMNS})
+    return SamplingTrace(len(prompts), at, None, scores, [t[k] for k in at])

@@ -45,14 +45,20 @@ class GaussianTextToImagePipeline(TextPipeline):
     @torch.no_grad()
     def sample_iter(self, prompts, generator=None, progress: bool = True, **options):
         """Yield the state [B, C, H, W] (pixels, or scaled latents) after each reverse step."""
+        for state in self.sample_states(prompts, generator, progress, **options):
+            yield state["sample"]
+
+    @torch.no_grad()
+    def sample_states(self, prompts, generator=None, progress: bool = True, **options):
+        """Yield the diffusion's {"sample", "pred_xstart", "t"} after each reverse step (eval.trace reads the
+        predicted x0)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         opts = self.sampling_options(**options)
         cond, null_cond = self.conditions(prompts, opts["guidance_scale"])
-        for state in self.diffusion.sample_iter(
-                self.network, (len(prompts), *self.shape), cond=cond, null_cond=null_cond,
-                clip_denoised=self.cfg.sample.clip_denoised and not self.latent, generator=generator,
-                progress=progress, device=self.device, **opts):
-            yield state["sample"]
+        yield from self.diffusion.sample_iter(
+            self.network, (len(prompts), *self.shape), cond=cond, null_cond=null_cond,
+            clip_denoised=self.cfg.sample.clip_denoised and not self.latent, generator=generator,
+            progress=progress, device=self.device, **opts)
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> list[Image.Image]:

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 from tqdm.auto import tqdm
@@ -120,7 +121,12 @@ def adamw(params, lr: float, betas: tuple[float, float], weight_decay: float) ->
 
 
 def make_accelerator(tc: TrainConfig, **kwargs) -> Accelerator:
-    """The run's Accelerator; on a machine without CUDA several processes run as gloo MULTI_CPU."""
+    """The run's Accelerator; on a machine without CUDA several processes run as gloo MULTI_CPU. A process that
+    trains again with another mixed precision (one Python session, two configs) gets a fresh accelerator state:
+    accelerate keeps one per process and refuses a second setting."""
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", tc.mixed_precision.value) != tc.mixed_precision.value:
+        AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=tc.mixed_precision.value, cpu=not torch.cuda.is_available(), **kwargs)
     if accelerator.device.type == "cpu":
         use_cpu_share(accelerator.num_processes)
