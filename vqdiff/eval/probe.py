@@ -38,8 +38,8 @@ class AttributeProbe:
     def table(self) -> str:
         lines = [f"{'attribute':10s} {'identified %':>12s} {'chance %':>9s} {'gain (' + self.unit + ')':>12s}"]
         for name in ATTRIBUTE_VALUES:
-            lines.append(f"{name:10s} {100 * self.identified[name]:12.1f} {100 * self.chance[name]:9.1f} "
-                         f"{self.gain[name]:12.2f}")
+            gain = f"{self.gain[name]:12.2f}" if self.unit == "nats" else f"{self.gain[name]:12.4f}"
+            lines.append(f"{name:10s} {100 * self.identified[name]:12.1f} {100 * self.chance[name]:9.1f} {gain}")
         return "\n".join(lines)
 
 
