@@ -77,7 +77,7 @@ def line_plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_labe
     if not series or not any(series.values()):
         raise ValueError("line_plot needs at least one series with points")
     width, height = size
-    left, right, top, bottom = 56, 16, 28 if title else 12, 40
+    left, right, top, bottom = 56, 16, 40 if title else 24, 40
     x_max = max(x for points in series.values() for x, _ in points) or 1.0
     x_step = nice_step(x_max / 6)
     x_max = math.ceil(x_max / x_step) * x_step
@@ -100,19 +100,25 @@ def line_plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_labe
         draw.text((at(x, y_lo)[0] - 6, height - bottom + 4), f"{x:g}", fill=(0, 0, 0), font=font)
     draw.rectangle([at(0, y_hi), at(x_max, y_lo)], outline=(0, 0, 0))
     draw.text(((width - 6 * len(x_label)) / 2, height - 16), x_label, fill=(0, 0, 0), font=font)
-    draw.text((4, top - 12 if title else 0), y_label, fill=(0, 0, 0), font=font)
+    draw.text((4, top - 16), y_label, fill=(0, 0, 0), font=font)
     if title:
         draw.text(((width - 6 * len(title)) / 2, 2), title, fill=(0, 0, 0), font=font)
-    for i, (name, points) in enumerate(series.items()):
-        colour = LINE_COLOURS[i % len(LINE_COLOURS)]
+    colours = [LINE_COLOURS[i % len(LINE_COLOURS)] for i in range(len(series))]
+    for colour, points in zip(colours, series.values()):
         xy = [at(x, y) for x, y in sorted(points)]
         if len(xy) > 1:
             draw.line(xy, fill=colour, width=2)
         for x, y in xy:
             draw.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], fill=colour)
-        legend_y = top + 6 + 13 * i
-        draw.line([(left + 10, legend_y + 5), (left + 28, legend_y + 5)], fill=colour, width=2)
-        draw.text((left + 32, legend_y), name, fill=(0, 0, 0), font=font)
+    # the legend in the lower right corner, on white
+    legend_width = 40 + 6 * max(len(name) for name in series)
+    legend_x, legend_y = width - right - 8 - legend_width, height - bottom - 8 - 14 * len(series)
+    draw.rectangle([legend_x - 4, legend_y - 4, legend_x + legend_width, legend_y + 14 * len(series)],
+                   fill="white", outline=(200, 200, 200))
+    for i, (colour, name) in enumerate(zip(colours, series)):
+        y = legend_y + 14 * i
+        draw.line([(legend_x, y + 5), (legend_x + 18, y + 5)], fill=colour, width=2)
+        draw.text((legend_x + 24, y), name, fill=(0, 0, 0), font=font)
     return image
 
 
