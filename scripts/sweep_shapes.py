@@ -7,8 +7,9 @@
 
 strategies: ancestral and purity, unguided and with the config's guidance scale, at 10/25/50/100 steps.
 guidance: scales 1, 2, 3, 5 at 25 steps; truncation: rates 1, 0.95, 0.86, 0.7, 0.5 at 25 steps; steps: 10, 25,
-50, 100 steps (the config's other options). Gaussian DDPMs take the guidance and steps tables. Every cell samples the same `--n` val and `--n` held-out prompts with the same seed and
-reports per-image all-attribute accuracy (one-object, two-object, seen, held-out) and images/s.
+50, 100 steps (the config's other options). Gaussian DDPMs take the guidance and steps tables. Every cell samples
+the same `--n` val and `--n` held-out prompts with the same seed and reports per-image all-attribute accuracy
+(one-object, two-object, seen, held-out) and images/s.
 """
 
 import argparse

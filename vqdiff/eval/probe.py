@@ -120,9 +120,8 @@ def _probe_gaussian(pipe, n: int, split: str, t: int | None, seed: int, progress
         raise ValueError("a Gaussian model is probed at a noise step: give t (e.g. 100, 500, 900)")
     images, objects = _one_object_images(pipe, n, split, seed)
     if pipe.latent:
-        tokenizer = pipe.tokenizer
-        tokens = torch.cat([tokenizer.encode(chunk) for chunk in images.split(64)])
-        images = tokenizer.embed_tokens(tokens) * pipe.cfg.gaussian.latent_scale
+        latents = torch.cat([pipe.tokenizer.encode_latents(chunk) for chunk in images.split(64)])
+        images = latents * pipe.cfg.gaussian.latent_scale
     generator = torch.Generator(pipe.device).manual_seed(seed)
 
     def log_likelihood(x0: torch.Tensor, captions: list[str]) -> torch.Tensor:

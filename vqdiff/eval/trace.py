@@ -48,6 +48,23 @@ def record_steps(steps: int, rows: int = 8) -> list[int]:
     return sorted({round(i * (steps - 1) / max(1, rows - 1)) for i in range(rows)})
 
 
+def recorded_steps(at: Sequence[int] | None, num_steps: int) -> list[int]:
+    """The sorted 0-based steps to record (default `record_steps`), checked against the run's step count."""
+    at = sorted(set(record_steps(num_steps) if at is None else at))
+    if at and not 0 <= at[0] <= at[-1] < num_steps:
+        raise ValueError(f"steps to record must lie in [0, {num_steps - 1}], got {at}")
+    return at
+
+
+def score_states(pipe, states: dict[int, list[torch.Tensor]], prompts: Sequence[str]) -> list[dict[str, float]]:
+    """Per recorded row, its batches of states decoded and scored against `prompts` (the `all` group)."""
+    scores = []
+    for batches in states.values():
+        group = evaluate(pipe.decode(torch.cat(batches)), list(prompts)).groups["all"]
+        scores.append({c: group[c] for c in COLUMNS})
+    return scores
+
+
 def predicted_x0(dist: X0Distribution, xt: torch.Tensor, mask_id: int) -> torch.Tensor:
     """x_t with every [MASK] replaced by its most likely x0 (guidance applied; truncation and temperature do
     not move the argmax)."""
@@ -62,9 +79,7 @@ def trace_sampling(pipe, prompts: Sequence[str], at: Sequence[int] | None = None
     opts = pipe.sampling_options(**options)
     diffusion, network = pipe.diffusion, pipe.model.network
     times = sampling_timesteps(diffusion.num_timesteps, opts["steps"])
-    at = sorted(set(record_steps(len(times)) if at is None else at))
-    if at and not 0 <= at[0] <= at[-1] < len(times):
-        raise ValueError(f"steps to record must lie in [0, {len(times) - 1}], got {at}")
+    at = recorded_steps(at, len(times))
     rows = [-1] + at
     filled = {row: [] for row in rows}
     revealed = {row: 0.0 for row in rows}
@@ -87,13 +102,9 @@ def trace_sampling(pipe, prompts: Sequence[str], at: Sequence[int] | None = None
             if k in filled:
                 revealed[k] += float((xt != mask_id).float().sum())
                 filled[k].append(xt if k + 1 == len(times) else predict(xt, times[k + 1]))
-    scores = []
-    for row in rows:
-        images = pipe.decode(torch.cat(filled[row]))
-        group = evaluate(images, list(prompts)).groups["all"]
-        scores.append({c: group[c] for c in COLUMNS})
     total = len(prompts) * num_tokens
-    return SamplingTrace(len(prompts), rows, [0.0] + [revealed[k] / total for k in at], scores)
+    return SamplingTrace(len(prompts), rows, [0.0] + [revealed[k] / total for k in at],
+                         score_states(pipe, filled, prompts))
 
 
 @torch.no_grad()
@@ -103,9 +114,7 @@ def trace_gaussian(pipe, prompts: Sequence[str], at: Sequence[int] | None = None
     (default `record_steps`), the last of them the sample itself."""
     opts = pipe.sampling_options(**options)
     num_steps = pipe.diffusion.respace(opts["steps"]).num_timesteps if opts["steps"] else pipe.diffusion.num_timesteps
-    at = sorted(set(record_steps(num_steps) if at is None else at))
-    if at and not 0 <= at[0] <= at[-1] < num_steps:
-        raise ValueError(f"steps to record must lie in [0, {num_steps - 1}], got {at}")
+    at = recorded_steps(at, num_steps)
     generator = torch.Generator(pipe.device).manual_seed(seed)
     predicted, t = {k: [] for k in at}, {}
     for i in tqdm(range(0, len(prompts), batch_size), desc="trace", disable=not progress):
@@ -114,8 +123,4 @@ def trace_gaussian(pipe, prompts: Sequence[str], at: Sequence[int] | None = None
             if k in predicted:
                 predicted[k].append(state["sample"] if k == num_steps - 1 else state["pred_xstart"])
                 t[k] = state["t"]
-    scores = []
-    for k in at:
-        group = evaluate(pipe.decode(torch.cat(predicted[k])), list(prompts)).groups["all"]
-        scores.append({c: group[c] for c in COLUMNS})
-    return SamplingTrace(len(prompts), at, None, scores, [t[k] for k in at])
+    return SamplingTrace(len(prompts), at, None, score_states(pipe, predicted, prompts), [t[k] for k in at])
