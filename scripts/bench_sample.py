@@ -41,25 +41,22 @@ CONFIGS = {  # layers, width, heads, grid side, K (without [MASK]), default batc
 }
 
 
-def bench(name: str, batch: int, steps: int, runs: list[int], device, dtype: str, compile_mode: str | None) -> str:
-    layers, width, heads, side, K, _ = CONFIGS[name]
-    torch.manual_seed(0)
-    model = DiffusionTransformer(K, width, layers, heads, grid_size=(side, side), text_dim=512,
-                                 null_text_embedding=True).to(device).eval()
+def bench(label: str, setup, steps: int, runs: list[int], device, dtype: str, compile_mode: str | None) -> str:
+    """One table row for the network, diffusion, text and null text of `setup` (random_setup, checkpoint_setup)."""
+    model, diffusion, text, null_text = setup
     if dtype == "bf16-weights":
         model = model.to(torch.bfloat16)
     if compile_mode:  # one graph per batch size (the guided call is 2B)
         torch._dynamo.config.automatic_dynamic_shapes = False
         model.forward = torch.compile(model.forward, mode=compile_mode)
-    diffusion = MaskAndReplaceDiffusion(K, 100)
-    text = torch.randn(batch, 77, 512, device=device, dtype=next(model.parameters()).dtype)
+    weight_dtype = next(model.parameters()).dtype
+    batch, K, N = text.shape[0], diffusion.num_classes, model.num_tokens
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-    N = side * side
     with torch.no_grad(), autocast:
-        cond = model.cache_text(text)
-        null = model.cache_text(*model.null_text(batch))
+        cond = model.cache_text(text.to(weight_dtype))
+        null = model.cache_text(null_text.to(weight_dtype))
         x = torch.randint(0, K + 1, (batch, N), device=device)
-        t = torch.full((batch,), 50, device=device)
+        t = torch.full((batch,), diffusion.num_timesteps // 2, device=device)
 
         def run(n=steps, network=model, **options):
             diffusion.sample(network, batch, N, cond=cond, steps=n, progress=False, device=device, **options)
@@ -80,7 +77,7 @@ def bench(name: str, batch: int, steps: int, runs: list[int], device, dtype: str
         guided = seconds_per_call(lambda: run(truncation_rate=0.86, guidance_scale=3.0, null_cond=null), 1, device,
                                   warmup=0) / steps
         rates = [batch / seconds_per_call(lambda: run(n), 1, device, warmup=0) for n in runs]
-    return (f"| {name} | {batch} | {step * 1e3:.1f} | {net * 1e3:.1f} | {math * 1e3:.1f} ({100 * math / step:.0f}%) "
+    return (f"| {label} | {batch} | {step * 1e3:.1f} | {net * 1e3:.1f} | {math * 1e3:.1f} ({100 * math / step:.0f}%) "
             f"| {truncated * 1e3:.1f} | {guided * 1e3:.1f} | " + " | ".join(f"{r:.2f}" for r in rates)
             + f" | {peak_memory_bytes(device) / 2**30:.2f} |")
 
@@ -147,7 +144,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--against", choices=("diffusers",), default=None,
                         help="time diffusers' sampler beside ours instead (float32, same weights and inputs)")
-    parser.add_argument("--checkpoint", default=None, help="with --against: a run, checkpoint or pipeline folder")
+    parser.add_argument("--checkpoint", default=None, help="a run, checkpoint or pipeline folder instead of --configs")
     parser.add_argument("--repeats", type=int, default=3, help="with --against: interleaved rounds (medians)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -161,9 +158,17 @@ def main(argv=None) -> None:
     print("| config | batch | step ms | network ms | math ms | truncation r=0.86 ms/step | guided ms/step | "
           + " | ".join(f"{n}-step img/s" for n in args.runs) + " | peak GiB |")
     print("|---" * (8 + len(args.runs)) + "|")
-    for name in args.configs:
-        for batch in args.batch or [CONFIGS[name][-1]]:
-            print(bench(name, batch, args.steps, args.runs, device, args.dtype, args.compile), flush=True)
+    for label, setup, batch in setups(args, device):
+        print(bench(label, setup(batch), args.steps, args.runs, device, args.dtype, args.compile), flush=True)
+
+
+def setups(args, device) -> list:
+    """(label, setup(batch), batch) per row: the checkpoint's network at each batch, or each config's."""
+    if args.checkpoint:
+        return [(f"checkpoint {args.checkpoint}", lambda b: checkpoint_setup(args.checkpoint, b, device), b)
+                for b in args.batch or [4]]
+    return [(name, lambda b, name=name: random_setup(name, b, device), b)
+            for name in args.configs for b in args.batch or [CONFIGS[name][-1]]]
 
 
 def compare(args, device, where: str) -> None:
@@ -173,14 +178,8 @@ def compare(args, device, where: str) -> None:
         print("diffusers is not installed (pip install -e '.[dev]'): skipping the side-by-side comparison")
         return
     print(f"# {where}, float32, torch {torch.__version__}, diffusers {diffusers.__version__}")
-    if args.checkpoint:
-        runs = [(f"checkpoint {args.checkpoint}", lambda b: checkpoint_setup(args.checkpoint, b, device), b)
-                for b in args.batch or [4]]
-    else:
-        runs = [(name, lambda b, name=name: random_setup(name, b, device), b)
-                for name in args.configs for b in args.batch or [CONFIGS[name][-1]]]
     notes, rows = [], []
-    for label, setup, batch in runs:
+    for label, setup, batch in setups(args, device):
         note, table = against_diffusers(label, setup(batch), args.steps, args.repeats, device)
         print(note, flush=True)
         notes.append(note)

@@ -27,6 +27,16 @@ def test_bench_sample_prints_a_row_per_batch():
         assert step > 0 and network > 0 and 0 < math < step and all(r > 0 for r in rates)
 
 
+def test_bench_sample_takes_a_checkpoint(tmp_path, tokenizer_dir):
+    """--checkpoint without --against: the table's row for that folder's network, schedule and prompts."""
+    folder = random_pipeline_folder(tmp_path, tokenizer_dir)
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/bench_sample.py"), "--checkpoint", str(folder), "--batch",
+                          "2", "--steps", "2", "--runs", "2", "--device", "cpu", "--threads", "1"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith(f"| checkpoint {folder}")]
+    assert len(rows) == 1 and int(rows[0][1]) == 2 and float(rows[0][2]) > 0, out
+
+
 def side_by_side_rows(out: str) -> dict[str, list[str]]:
     return {row[1].strip(): row for row in (line.split("|")[1:-1] for line in out.splitlines())
             if len(row) == 8 and row[1].strip() in ("vqdiff", "diffusers", "vqdiff / diffusers")}
@@ -57,9 +67,7 @@ def test_side_by_side_with_diffusers_on_a_random_config():
     check_side_by_side(bench_against("--configs", "shapes", "--batch", "2"))
 
 
-def test_side_by_side_with_a_pipeline_folder(tmp_path, tokenizer_dir):
-    """--checkpoint takes the network, schedule and prompts of any folder the pipeline loads (here random)."""
-    pytest.importorskip("diffusers")
+def random_pipeline_folder(tmp_path, tokenizer_dir) -> Path:
     cfg = load_config(None, ["model=vq", "network=transformer", "data.size=32", f"tokenizer.path={tokenizer_dir}",
                              "text.arch=clip-text-small", "transformer.num_layers=2", "transformer.width=64",
                              "transformer.num_heads=4", "transformer.mask_text_padding=false",
@@ -68,7 +76,13 @@ def test_side_by_side_with_a_pipeline_folder(tmp_path, tokenizer_dir):
     torch.manual_seed(0)
     model = build.build_vq_model(cfg, tokenizer.num_embeddings, build.token_grid(cfg, tokenizer))
     pipe = TextToImagePipeline(cfg, model, build.build_discrete_diffusion(cfg, tokenizer.num_embeddings), tokenizer)
-    folder = pipe.save_pretrained(tmp_path / "pipe")
+    return pipe.save_pretrained(tmp_path / "pipe")
+
+
+def test_side_by_side_with_a_pipeline_folder(tmp_path, tokenizer_dir):
+    """--checkpoint takes the network, schedule and prompts of any folder the pipeline loads (here random)."""
+    pytest.importorskip("diffusers")
+    folder = random_pipeline_folder(tmp_path, tokenizer_dir)
     out = bench_against("--checkpoint", str(folder), "--batch", "2")
     check_side_by_side(out)
     assert f"checkpoint {folder}, batch 2" in out

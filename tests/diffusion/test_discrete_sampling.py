@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from vqdiff.diffusion.discrete import MaskAndReplaceDiffusion
-from vqdiff.diffusion.discrete_sampling import (SamplingOptions, SamplingStrategy, X0Distribution, _gather_rows,
-                                                sample_rows, sampling_timesteps, truncate)
+from vqdiff.diffusion.discrete_sampling import (DENSE_SHARE, SamplingOptions, SamplingStrategy, X0Distribution,
+                                                _gather_rows, sample_rows, sampling_timesteps, truncate)
 from vqdiff.diffusion.guidance import guide_log_probs
 
 SAMPLES = 20_000
@@ -184,21 +184,46 @@ def test_guidance_temperature_and_truncation_per_token():
 @pytest.mark.parametrize("rate", [0.3, 0.7, 1.0])
 @pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
 @pytest.mark.parametrize("share", [0.3, 1.0])  # a few tokens' columns, or one pass over all
-def test_prob_at_and_purity_equal_the_processed_rows(rate, guidance_scale, share):
-    """p(x0 = k | x_t) per token, with truncation settled from p alone where it can, equals the full row."""
+@pytest.mark.parametrize("scale", [(0.2, 12.0), (30.0, 30.0)])  # flat to sure tokens; sure only
+def test_prob_at_and_purity_equal_the_processed_rows(rate, guidance_scale, share, scale):
+    """p(x0 = k | x_t) per token, with truncation settled from p alone where it can (or, for most of the tokens,
+    from the table of every token), equals the full row."""
     K, B, N = 300, 3, 80
     generator = torch.Generator().manual_seed(8)
-    cond = torch.randn(B, K, N, generator=generator) * torch.linspace(0.2, 12.0, N)  # flat to sure tokens
+    cond = torch.randn(B, K, N, generator=generator) * torch.linspace(*scale, N)
     null = torch.randn(B, K, N, generator=generator)
     x0_dist = X0Distribution(cond, null if guidance_scale != 1.0 else None, guidance_scale, 0.8, rate)
     rows = torch.randperm(B * N, generator=generator)[: int(share * B * N)].sort().values
-    probs = x0_dist.rows(rows)
+    probs = X0Distribution(cond, x0_dist.null_logits, guidance_scale, 0.8, rate).rows(rows)
     classes = torch.where(torch.rand(rows.shape, generator=generator) < 0.5, probs.argmax(1),
                           torch.randint(K, rows.shape, generator=generator))
     expected = probs.gather(1, classes.unsqueeze(1)).squeeze(1)
-    assert torch.allclose(x0_dist.prob_at(rows, classes), expected, atol=1e-6)
+    # logits of +-500 (scale 30, guided, tempered) leave exp(logit - log-normaliser) a float32 rtol of ~3e-5
+    torch.testing.assert_close(x0_dist.prob_at(rows, classes), expected, atol=1e-6, rtol=1e-4)
+    assert (x0_dist._table is not None) == (rate < 1.0 and share >= DENSE_SHARE)
     untruncated = X0Distribution(cond, x0_dist.null_logits, guidance_scale, 0.8, 1.0).rows(rows)
     assert torch.allclose(x0_dist.purity(rows), untruncated.amax(1), atol=1e-6)
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_draws_from_the_table_follow_the_truncated_rows(guidance_scale):
+    """Tokens drawn from the table of every token (on CPU once most tokens are asked) follow their truncated
+    p(x0 | x_t): every token of a batch row shares one column of logits, so 4 x 5,000 draws per distribution."""
+    K, B, N, rate = 7, 2, 64, 0.75
+    generator = torch.Generator().manual_seed(9)
+    cond = (2.0 * torch.randn(B, K, 1, generator=generator)).expand(B, K, N).contiguous()
+    null = torch.randn(B, K, 1, generator=generator).expand(B, K, N).contiguous()
+    rows = torch.arange(B * N)
+    counts = torch.zeros(B, K)
+    for _ in range(79):
+        x0_dist = X0Distribution(cond, null if guidance_scale != 1.0 else None, guidance_scale, 1.0, rate)
+        drawn = x0_dist.draw(rows, generator).view(B, N)
+        assert x0_dist._table is not None
+        counts += torch.nn.functional.one_hot(drawn, K).sum(1)
+    expected = X0Distribution(cond, x0_dist.null_logits, guidance_scale, 1.0, rate).rows(torch.tensor([0, N]))
+    frequencies = counts / counts.sum(1, keepdim=True)
+    assert torch.equal(frequencies > 0, expected > 0)  # exactly the kept classes drawn
+    assert (frequencies - expected).abs().max() < 4 * math.sqrt(0.25 / (79 * N))
 
 
 def test_gather_rows_both_paths():

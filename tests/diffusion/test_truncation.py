@@ -5,7 +5,7 @@ whose running sum reaches the rate)."""
 import pytest
 import torch
 
-from vqdiff.diffusion.truncation import sorted_threshold, truncate, truncation_threshold
+from vqdiff.diffusion.truncation import Workspace, sorted_threshold, threshold_and_mass, truncate, truncation_threshold
 
 K = 2887  # the COCO codebook
 RATES = [1e-6, 0.3, 0.86, 0.99, 1 - 1e-7]
@@ -129,6 +129,19 @@ def test_truncate_renormalises_the_kept_classes(form):
     torch.testing.assert_close(truncated.double(), expected, rtol=1e-2 if form == "bfloat16" else 1e-6, atol=0)
     assert truncate(probs.clone(), 1.0).equal(probs)
     assert truncate(probs[:0].clone(), 0.5).shape == (0, K)
+
+
+@pytest.mark.parametrize("rate", RATES)
+@pytest.mark.parametrize("layout", ["row-major", "class-major"])
+def test_threshold_and_kept_mass_of_a_block(rate, layout):
+    """One block, rows in memory or classes in memory (the sampler's token table): the threshold of the reference
+    and the mass of every class at or above it, in float64."""
+    probs = softmax_rows([0.3, 2.0, 30.0], seed=8)[::4]  # 75 rows: one CPU block
+    block = probs if layout == "row-major" else probs.t().contiguous().t()
+    threshold, kept = threshold_and_mass(block, rate, Workspace(K, block.shape[0], block.device))
+    assert torch.equal(threshold, sorted_threshold(probs, rate))
+    expected = torch.where(probs >= threshold, probs.double(), 0.0).sum(1)
+    torch.testing.assert_close(kept, expected, rtol=0, atol=1e-15)
 
 
 def test_float64_rows_use_the_reference():

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vqdiff.diffusion.guidance import concat_cond
+from vqdiff.diffusion.guidance import concat_cond, guided_call
 from vqdiff.models.transformer import TRANSFORMER_PRESETS, DiffusionTransformer, parameter_counts
 
 K, GRID, TEXT_DIM, TEXT_LEN = 11, (3, 4), 12, 7
@@ -167,6 +167,26 @@ def test_cached_condition_and_null_condition_concatenate_for_guidance():
     torch.testing.assert_close(both[3:], model(x, t, text=model.null_text(3)[0]), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("cached", [True, False])
+def test_paired_text_shares_the_first_self_attention(cached):
+    """x and t once with 2B text rows (what guided_call passes) equal the 2B call, the first block's
+    self-attention running on B rows and every later one on 2B."""
+    model = tiny(null_text_embedding=True).eval()
+    x, t, text, mask = inputs()
+    null, null_mask = model.null_text(3)
+    cond, null_cond = ((model.cache_text(text, mask), model.cache_text(null, null_mask)) if cached
+                       else (dict(text=text, text_mask=mask), dict(text=null.contiguous(), text_mask=null_mask)))
+    both = model(torch.cat([x, x]), torch.cat([t, t]), **concat_cond(cond, null_cond))
+    batches = []
+    hooks = [block.attn1.register_forward_hook(lambda m, args, out: batches.append(out.shape[0]))
+             for block in model.blocks]
+    cond_out, null_out = guided_call(model, x, t, cond, null_cond, 3.0)
+    for hook in hooks:
+        hook.remove()
+    assert batches == [3, 6]
+    torch.testing.assert_close(torch.cat([cond_out, null_out]), both, rtol=0, atol=1e-5)
+
+
 def test_null_text_embedding():
     model = tiny(null_text_embedding=True)
     text, mask = model.null_text(2)
@@ -255,6 +275,7 @@ def test_gradient_checkpointing_gives_identical_gradients():
     (dict(text=torch.zeros(2, TEXT_LEN, 5)), "text must be"),
     (dict(text_mask=torch.ones(2, 3, dtype=torch.bool)), "text_mask must be"),
     (dict(text=None), "needs text"),
+    (dict(text=torch.zeros(3, TEXT_LEN, TEXT_DIM)), "the text's batch must be"),
 ])
 def test_bad_inputs_raise_clear_errors(bad, match):
     model = tiny()

@@ -15,7 +15,10 @@ from tqdm.auto import tqdm
 from ..options import SamplingStrategy
 from .guidance import guided_call
 from .losses import shifted_exp, stable_softmax
-from .truncation import truncate
+from .truncation import Workspace, keep_at_or_above, threshold_and_mass, truncate
+
+
+DENSE_SHARE = 0.5  # on CPU, truncate every token at once when a step asks for at least this share of them
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,8 @@ class X0Distribution:
     log_softmax(log_softmax(n) + s (log_softmax(c) - log_softmax(n))) = log_softmax(n + s (c - n)): the
     per-token normalisers cancel, so guidance is one lerp of the raw logits. Only the tokens asked for are
     read: their log-normaliser and largest probability (purity), and whole rows for the tokens that are
-    drawn or that truncation cannot settle from p(x0 = x_t) alone.
+    drawn or that truncation cannot settle from p(x0 = x_t) alone. On CPU, once truncation asks for at least
+    DENSE_SHARE of the tokens, every token is truncated in one cache-sized pass (`_truncation_table`).
     """
 
     def __init__(self, cond_logits: torch.Tensor, null_logits: torch.Tensor | None, guidance_scale: float,
@@ -75,6 +79,7 @@ class X0Distribution:
         self.cond_logits, self.null_logits = cond_logits, null_logits
         self.guidance_scale, self.inverse_temperature = guidance_scale, 1.0 / temperature
         self.truncation_rate = truncation_rate
+        self._table = None  # (probabilities per batch row [N, K], threshold [B, N], kept mass [B, N]), once built
 
     def _scaled(self, cond: torch.Tensor, null: torch.Tensor | None) -> torch.Tensor:
         logits = cond.float() if null is None else torch.lerp(null.float(), cond.float(), self.guidance_scale)
@@ -120,15 +125,21 @@ class X0Distribution:
     def prob_at(self, rows: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """p(x0 = classes | x_t) `[R]` at ascending flat token indices `rows`."""
         num_tokens = self.cond_logits.shape[2]
+        if self._dense(rows):
+            probs, threshold, kept = self._table
+            p = torch.empty(rows.shape[0])
+            for b, where, token in _per_batch(rows, len(probs), num_tokens):
+                p[where] = probs[b][token, classes[where]]
+            return torch.where(p >= threshold.view(-1)[rows], p / kept.view(-1)[rows], 0.0).float()
         batch, token = rows // num_tokens, rows % num_tokens
         null = None if self.null_logits is None else self.null_logits[batch, classes, token]
         logit = self._scaled(self.cond_logits[batch, classes, token], null)
         p = torch.exp(logit - self._statistics(rows)[0])
         if self.truncation_rate >= 1.0:
             return p
-        # a class holding at least max(rate, 1/2) is the largest and alone reaches rate: truncation keeps
-        # just it; other rows need their full distribution
-        alone = p >= max(self.truncation_rate, 0.5)
+        # truncation keeps a class alone that reaches rate and holds more than 1/2; other rows need their full
+        # distribution
+        alone = _alone(p, self.truncation_rate)
         p = torch.where(alone, 1.0, p)
         unsettled = (~alone).nonzero().squeeze(1)
         for block in self._blocks(unsettled):
@@ -138,9 +149,55 @@ class X0Distribution:
     def draw(self, rows: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One token `[R]` from p(x0 | x_t) at each of the ascending flat token indices `rows`."""
         drawn = torch.empty_like(rows)
+        dense = self._dense(rows)
         for block in self._blocks(torch.arange(rows.shape[0], device=rows.device)):
-            drawn[block] = sample_rows(self.rows(rows[block]), generator)
+            if dense:  # the table's rows, zero below their threshold (sample_rows needs no normalisation)
+                probs, threshold, _ = self._table
+                weights = torch.empty(block.shape[0], self.cond_logits.shape[1])
+                for b, where, token in _per_batch(rows[block], len(probs), self.cond_logits.shape[2]):
+                    weights[where] = probs[b].index_select(0, token)
+                weights = keep_at_or_above(weights, threshold.view(-1)[rows[block]].unsqueeze(1))
+            else:
+                weights = self.rows(rows[block])
+            drawn[block] = sample_rows(weights, generator)
         return drawn
+
+    def _dense(self, rows: torch.Tensor) -> bool:
+        """Whether to read truncated rows from the table of every token, building it if `rows` are enough."""
+        batch_size, _, num_tokens = self.cond_logits.shape
+        if (self._table is None and self.truncation_rate < 1.0 and _columnwise(self.cond_logits)
+                and rows.shape[0] >= DENSE_SHARE * batch_size * num_tokens):
+            self._table = self._truncation_table()
+        return self._table is not None
+
+    def _truncation_table(self):
+        """Every token's p(x0 | x_t), a table `[N, K]` per batch row, with its truncation threshold and kept
+        mass `[B, N]`: a cache-sized block of tokens at a time is transposed, scaled, normalised and selected
+        while in cache, instead of a pass over all tokens per operation."""
+        batch_size, num_classes, num_tokens = self.cond_logits.shape
+        rate = self.truncation_rate
+        workspace = Workspace(num_classes, num_tokens, self.cond_logits.device)
+        # one [N, K] table per batch row: below glibc's mmap threshold, so the last step's memory is reused
+        probs = [torch.empty(num_tokens, num_classes) for _ in range(batch_size)]
+        threshold = torch.empty(batch_size, num_tokens)
+        kept = torch.empty(batch_size, num_tokens, dtype=torch.float64)
+        for b in range(batch_size):
+            for start in range(0, num_tokens, workspace.rows):
+                columns = slice(start, start + workspace.rows)
+                null = None if self.null_logits is None else self.null_logits[b, :, columns]
+                scaled = self._scaled(self.cond_logits[b, :, columns], null)  # [K, width]
+                if not scaled.is_contiguous():  # contiguous, the transposed copy below is a cache-blocked one
+                    scaled = workspace.take("float32", scaled.shape).copy_(scaled)
+                block = probs[b][columns].copy_(scaled.t())
+                exps, _ = shifted_exp(block, dim=1, inplace=True)
+                block.div_(exps.sum(dim=1, keepdim=True))
+                top = block.amax(dim=1)
+                if bool(_alone(top, rate).all()):  # each token's largest class alone reaches rate
+                    threshold[b, columns], kept[b, columns] = top, top
+                else:
+                    low, mass = threshold_and_mass(block, rate, workspace)
+                    threshold[b, columns], kept[b, columns] = low.squeeze(1), mass
+        return probs, threshold, kept
 
     def _blocks(self, indices: torch.Tensor):
         """Consecutive pieces of `indices` whose rows take at most 16 MiB each on CPU (bounded temporaries
@@ -152,6 +209,12 @@ class X0Distribution:
     def purity(self, rows: torch.Tensor) -> torch.Tensor:
         """max_k p(x0 = k | x_t) `[R]` before truncation (the released code's purity score)."""
         return self._statistics(rows)[1]
+
+
+def _alone(p: torch.Tensor, rate: float) -> torch.Tensor:
+    """Whether a class of probability p is one that truncation keeps alone: p reaches rate (compared in float64,
+    as the rule sums) and exceeds 1/2, so it is the largest class and no other ties with it."""
+    return (p.double() >= rate) & (p > 0.5)
 
 
 def _columnwise(logits: torch.Tensor) -> bool:

@@ -11,7 +11,8 @@ same threshold.
 The fast selection costs a few passes over each row instead of a sort (7-20x faster on a CPU at K = 2887): a
 histogram of each row's mass over value buckets (the float's exponent and top mantissa bits), summed from the
 top, gives the bucket where the sum reaches `rate`; only that bucket's few classes are then sorted. `truncate`
-selects and masks one block of rows at a time, so every temporary is a block-sized buffer reused by the next block.
+selects and masks one block of rows at a time, so every temporary is a block-sized buffer reused by the next block;
+`threshold_and_mass` also takes class-major blocks (classes along dim 0 of memory), as the sampler's logits are.
 """
 
 import torch
@@ -28,20 +29,24 @@ def truncate(probs: torch.Tensor, rate: float) -> torch.Tensor:
     if rate >= 1.0 or probs.shape[0] == 0:
         return probs
     if probs.dtype != torch.float32 or not probs.is_contiguous():
-        return _keep_at_or_above(probs, truncation_threshold(probs, rate),
-                                 torch.empty(probs.shape, dtype=torch.float32, device=probs.device))
-    workspace = _Workspace(probs)
+        keep_at_or_above(probs, truncation_threshold(probs, rate))
+        return probs.mul_(probs.sum(dim=1, keepdim=True).reciprocal_())
+    workspace = Workspace(probs.shape[1], probs.shape[0], probs.device)
     for block in probs.split(workspace.rows):
-        _keep_at_or_above(block, _threshold(block, rate, workspace), workspace.view("float32", block.shape))
+        threshold, mass = threshold_and_mass(block, rate, workspace)
+        keep_at_or_above(block, threshold, workspace.like("float32", block))
+        block.mul_(mass.reciprocal().float().unsqueeze(1))
     return probs
 
 
-def _keep_at_or_above(probs: torch.Tensor, threshold: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+def keep_at_or_above(probs: torch.Tensor, threshold: torch.Tensor, scratch: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """Zero, in place, the probabilities below their row's threshold `[R, 1]` (not renormalised)."""
     # 1 where probs >= threshold, else 0: the sign of a float difference is exact. Float arithmetic, not a
     # boolean mask: on CPU, comparisons and masked_fill_ cost 5-30x an arithmetic pass
-    keep = torch.sub(probs, threshold, out=scratch).sign_().add_(1.0).clamp_(max=1.0)
-    probs.mul_(keep)
-    return probs.mul_(probs.sum(dim=1, keepdim=True).reciprocal_())
+    difference = probs - threshold if scratch is None else torch.sub(probs, threshold, out=scratch)
+    keep = difference.sign_().add_(1.0).clamp_(max=1.0)
+    return probs.mul_(keep)
 
 
 def sorted_threshold(probs: torch.Tensor, rate: float) -> torch.Tensor:
@@ -58,75 +63,95 @@ def truncation_threshold(probs: torch.Tensor, rate: float) -> torch.Tensor:
     if probs.dtype == torch.float64 or probs.shape[0] == 0:
         return sorted_threshold(probs, rate)
     values = probs.float().contiguous()  # exact for bfloat16 and float16
-    workspace = _Workspace(values)
-    return torch.cat([_threshold(block, rate, workspace) for block in values.split(workspace.rows)])
+    workspace = Workspace(values.shape[1], values.shape[0], values.device)
+    return torch.cat([threshold_and_mass(block, rate, workspace)[0] for block in values.split(workspace.rows)])
 
 
-class _Workspace:
-    """Block-sized flat buffers, viewed as each block's shape in turn. One set for every block of a call: fresh
-    multi-MiB buffers per block are fresh pages from the kernel, whose page faults cost more than the arithmetic.
-    On CPU a block is CHUNK_ELEMENTS (cache-sized), on an accelerator every row at once."""
+class Workspace:
+    """Block-sized flat buffers for blocks of up to `rows` rows of K classes, viewed in each block's shape and
+    layout in turn. One set for every block of a call: fresh multi-MiB buffers per block are fresh pages from
+    the kernel, whose page faults cost more than the arithmetic. On CPU a block is CHUNK_ELEMENTS (cache-sized),
+    on an accelerator every row at once."""
 
-    def __init__(self, values: torch.Tensor):
-        num_rows, num_classes = values.shape
-        self.rows = max(1, CHUNK_ELEMENTS // num_classes) if values.device.type == "cpu" else num_rows
-        size, device = min(self.rows, num_rows) * num_classes, values.device
+    def __init__(self, num_classes: int, num_rows: int, device: torch.device):
+        self.rows = max(1, CHUNK_ELEMENTS // num_classes) if device.type == "cpu" else num_rows
+        size = min(self.rows, num_rows) * num_classes
         self.int32 = torch.empty(size, dtype=torch.int32, device=device)
         self.int64 = torch.empty(size, dtype=torch.int64, device=device)
-        self.spread = torch.empty(size, dtype=torch.int64, device=device)
+        self.spread = torch.empty(size, dtype=torch.int32, device=device)
         self.float32 = torch.empty(size, dtype=torch.float32, device=device)
         self.float64 = torch.empty(size, dtype=torch.float64, device=device)
         self.mass = torch.empty(0, dtype=torch.float64, device=device)
 
-    def view(self, name: str, shape: tuple[int, int]) -> torch.Tensor:
+    def like(self, name: str, values: torch.Tensor, columns: int | None = None) -> torch.Tensor:
+        """A buffer viewed as `[R, columns or K]` in the layout of `values` `[R, K]` (row- or class-major), so
+        elementwise passes over both run through memory in order."""
+        rows, columns = values.shape[0], values.shape[1] if columns is None else columns
+        flat = getattr(self, name)[:rows * columns]
+        return flat.view(columns, rows).t() if _class_major(values) else flat.view(rows, columns)
+
+    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """A buffer viewed as a contiguous tensor of `shape` (at most a block's elements)."""
         return getattr(self, name)[:shape[0] * shape[1]].view(shape)
 
-    def zero_mass(self, shape: tuple[int, int]) -> torch.Tensor:
-        if self.mass.numel() < shape[0] * shape[1]:
-            self.mass = torch.empty(shape[0] * shape[1], dtype=torch.float64, device=self.mass.device)
-        return self.mass[:shape[0] * shape[1]].view(shape).zero_()
+    def zero_mass(self, values: torch.Tensor, columns: int) -> torch.Tensor:
+        if self.mass.numel() < values.shape[0] * columns:
+            self.mass = torch.empty(values.shape[0] * columns, dtype=torch.float64, device=self.mass.device)
+        return self.like("mass", values, columns).zero_()
 
 
-def _threshold(values: torch.Tensor, rate: float, workspace: _Workspace) -> torch.Tensor:
+def _class_major(values: torch.Tensor) -> bool:
+    return values.stride(1) != 1 and values.shape[1] > 1
+
+
+def threshold_and_mass(values: torch.Tensor, rate: float, workspace: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
+    """The threshold `[R, 1]` of float32 rows `[R, K]` (row-major, or class-major: `values.t()` contiguous) and
+    the mass every class at or above it holds `[R]` (float64, exact)."""
     num_rows, num_classes = values.shape
     # a row's classes below (1 - rate) / K hold less than 1 - rate together: its threshold lies above that
-    index, last = _bucket_index(values, max((1.0 - rate) / num_classes / 2, EXACT_FLOOR), workspace)
-    mass = workspace.zero_mass((num_rows, last + BELOW_COLUMNS))
-    from_top = mass.scatter_add_(1, index, workspace.view("float64", values.shape).copy_(values))
+    index, index64, last = _bucket_index(values, max((1.0 - rate) / num_classes / 2, EXACT_FLOOR), workspace)
+    mass = workspace.zero_mass(values, last + BELOW_COLUMNS)
+    from_top = mass.scatter_add_(1, index64, workspace.like("float64", values).copy_(values))
     from_top = from_top.cumsum_(1)  # mass of buckets 0..j
     crossing = (from_top < rate).sum(dim=1)  # [R]: the bucket holding the threshold
     above = torch.where(crossing > 0, from_top.gather(1, (crossing - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0.0)
     in_range = crossing < last  # else the row crosses below the range or never reaches rate
     # the candidates: the classes in their row's crossing bucket (none in a row out of range)
-    candidates = (index == torch.where(in_range, crossing, -1).unsqueeze(1)).view(-1).nonzero().squeeze(1)
-    threshold = _within_bucket(values, candidates, above, rate)
+    crossing_column = torch.where(in_range, crossing, -1).to(torch.int32).unsqueeze(1)
+    row, column = (index == crossing_column).nonzero().unbind(1)
+    threshold, kept = _within_bucket(values, row, column, above, rate)
     if not bool(in_range.all()):
-        threshold[~in_range] = sorted_threshold(values[~in_range], rate)
-    return threshold
+        outside = values[~in_range]
+        threshold[~in_range] = low = sorted_threshold(outside, rate)
+        kept[~in_range] = torch.where(outside >= low, outside.double(), 0.0).sum(dim=1)
+    return threshold, kept
 
 
-def _bucket_index(values: torch.Tensor, floor: float, workspace: _Workspace) -> tuple[torch.Tensor, int]:
-    """Each value's histogram column `[R, K]` (int64) and the first column below the range. Buckets count from
-    the top: one per 1 / 2^BUCKET_BITS of a power of two from 1 (values above 1 join it) down to `floor`.
-    Non-negative floats order as their bit patterns, so buckets order as values. The classes below the floor (most
-    of a peaked row), summed into one address, would each wait for the addition before (4x the scatter's time):
-    their low bits spread them over BELOW_COLUMNS columns from `last` on instead."""
+def _bucket_index(values: torch.Tensor, floor: float, workspace: Workspace
+                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Each value's histogram column `[R, K]` (int32, and an int64 copy for scatter_add_) and the first column
+    below the range. Buckets count from the top: one per 1 / 2^BUCKET_BITS of a power of two from 1 (values above
+    1 join it) down to `floor`. Non-negative floats order as their bit patterns, so buckets order as values. The
+    classes below the floor (most of a peaked row), summed into one address, would each wait for the addition
+    before (4x the scatter's time): their low bits spread them over BELOW_COLUMNS columns from `last` on instead.
+    Every pass but the last runs on int32 (half the bytes; a mixed-dtype operation would copy its input first)."""
     shift = 23 - BUCKET_BITS
     top, lowest = (int(torch.tensor(v, dtype=torch.float32).view(torch.int32)) >> shift for v in (1.0, floor))
     last = top - lowest + 1
-    key = torch.bitwise_right_shift(values.view(torch.int32), shift, out=workspace.view("int32", values.shape))
-    index = torch.sub(torch.tensor(top, dtype=torch.int64, device=values.device), key.clamp_(max=top),
-                      out=workspace.view("int64", values.shape))
+    key = torch.bitwise_right_shift(values.view(torch.int32), shift, out=workspace.like("int32", values))
+    index = torch.sub(torch.tensor(top, dtype=torch.int32, device=values.device), key.clamp_(max=top), out=key)
     # below the range: last + (index - last) mod BELOW_COLUMNS, never more than index itself; in range: index
-    spread = torch.sub(index, last, out=workspace.view("spread", values.shape)).bitwise_and_(BELOW_COLUMNS - 1)
-    return torch.minimum(index, spread.add_(last), out=index), last
+    spread = torch.sub(index, last, out=workspace.like("spread", values)).bitwise_and_(BELOW_COLUMNS - 1)
+    index = torch.minimum(index, spread.add_(last), out=index)
+    return index, workspace.like("int64", values).copy_(index), last
 
 
-def _within_bucket(values: torch.Tensor, flat: torch.Tensor, above: torch.Tensor, rate: float) -> torch.Tensor:
-    """The threshold `[R, 1]` among each row's candidate classes (flat indices `flat` into `values`, those of its
-    crossing bucket), given the float64 mass `above` `[R]` of the buckets above it: the candidates sorted by row,
-    then descending."""
-    row, picked = flat // values.shape[1], values.view(-1).index_select(0, flat)
+def _within_bucket(values: torch.Tensor, row: torch.Tensor, column: torch.Tensor, above: torch.Tensor,
+                   rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The threshold `[R, 1]` and kept mass `[R]` among each row's candidate classes (`values[row, column]`,
+    those of its crossing bucket), given the float64 mass `above` `[R]` of the buckets above it: the candidates
+    sorted by row, then descending."""
+    picked = values[row, column]
     # rows ascending, then values descending: the bit patterns of non-negative floats order as the values
     order = ((row << 31) | (0x7FFFFFFF - picked.view(torch.int32).long())).argsort()
     row, picked = row.index_select(0, order), picked.index_select(0, order)
@@ -136,4 +161,6 @@ def _within_bucket(values: torch.Tensor, flat: torch.Tensor, above: torch.Tensor
     padded = torch.zeros(values.shape[0], width, dtype=torch.float64, device=values.device)
     padded[row, position] = picked.double()
     before = (padded.cumsum(1).add_(above.unsqueeze(1)) < rate).sum(dim=1, keepdim=True)
-    return padded.gather(1, before.clamp_(max=width - 1)).float()
+    threshold = padded.gather(1, before.clamp_(max=width - 1))
+    kept = above + torch.where(padded >= threshold, padded, 0.0).sum(dim=1)
+    return threshold.float(), kept

@@ -76,9 +76,13 @@ class TransformerBlock(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor | None, text_kv: torch.Tensor | None,
-                text_mask: torch.Tensor | None) -> torch.Tensor:
-        """x [B, N, D], t [B]; cross-attention keys/values from `text_kv` [B, 2, H, L, D/H] or else from `text`."""
+                text_mask: torch.Tensor | None, paired: bool = False) -> torch.Tensor:
+        """x [B, N, D], t [B]; cross-attention keys/values from `text_kv` [B, 2, H, L, D/H] or else from `text`.
+        paired: the text holds 2B rows (conditional, then null) for the same x and t; the self-attention, which
+        does not read the text, runs once for both halves, and the output is [2B, N, D]."""
         x = x + F.dropout(self.attn1(self.ln1(x, t)), self.dropout, self.training)
+        if paired:
+            x, t = torch.cat([x, x]), torch.cat([t, t])
         cross = self.attn2(self.ln1_1(x, t), context=text, key_value=text_kv, mask=text_mask)
         x = x + F.dropout(cross, self.dropout, self.training)
         return x + F.dropout(self.mlp(self.ln2(x)), self.dropout, self.training)
@@ -97,6 +101,8 @@ class DiffusionTransformer(nn.Module):
     of 0.02 (1/sqrt(width) starts the attention logits near 1 at small widths). `factors` [F, S] (a product
     codebook's, K = F * S) factor the token embedding and the output head (FactoredContentEmbedding).
     """
+
+    pairs_text = True  # `guided_call` passes x and t once with 2B text rows (see forward)
 
     def __init__(self, num_classes: int, width: int, num_layers: int, num_heads: int,
                  grid_size: tuple[int, int] = (32, 32), text_dim: int = 512, text_length: int = 77,
@@ -147,19 +153,25 @@ class DiffusionTransformer(nn.Module):
         """x [B, N] token ids in [0, K] (K = [MASK]), t [B] -> float32 logits [B, K, N].
 
         The text comes either as features `text` [B, L, text_dim] or as `text_kv` [B, layers, 2, H, L, D/H]
-        from `cache_text`; `text_mask` [B, L] is True at real tokens (through end-of-text).
+        from `cache_text`; `text_mask` [B, L] is True at real tokens (through end-of-text). Text of 2B rows
+        (conditional, then null, as `concat_cond` stacks them; classifier-free guidance) gives logits [2B, K, N]
+        of the same x and t: the first self-attention, before any text is read, runs once for both halves.
         """
         self.check_inputs(x, t, text, text_mask, text_kv)
         if self.training and self.text_drop_prob > 0 and text is not None:
             text, text_mask = self.drop_text(text, text_mask, self.text_drop_prob)
         attn_mask = text_mask[:, None, None, :] if self.mask_text_padding and text_mask is not None else None
+        paired = (text if text is not None else text_kv).shape[0] == 2 * x.shape[0]
         h = self.content_emb(x)  # [B, N, D]
         for i, block in enumerate(self.blocks):
             layer_kv = None if text_kv is None else text_kv[:, i]
+            share = paired and i == 0
             if self.gradient_checkpointing and self.training:
-                h = checkpoint(block, h, t, text, layer_kv, attn_mask, use_reentrant=False)
+                h = checkpoint(block, h, t, text, layer_kv, attn_mask, share, use_reentrant=False)
             else:
-                h = block(h, t, text, layer_kv, attn_mask)
+                h = block(h, t, text, layer_kv, attn_mask, share)
+            if share:
+                t = torch.cat([t, t])
         return self.logits(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -213,14 +225,18 @@ class DiffusionTransformer(nn.Module):
             raise ValueError(f"t must be [B] = [{x.shape[0]}], got {list(t.shape)}")
         if text is None and text_kv is None:
             raise ValueError("DiffusionTransformer needs text features `text` or cached `text_kv` (cache_text)")
-        if text is not None and (text.dim() != 3 or text.shape[0] != x.shape[0] or text.shape[2] != self.text_dim):
-            raise ValueError(f"text must be [{x.shape[0]}, L, {self.text_dim}], got {list(text.shape)}")
-        if text_kv is not None and (text_kv.shape[0] != x.shape[0] or text_kv.shape[1] != len(self.blocks)):
-            raise ValueError(f"text_kv must be [{x.shape[0]}, {len(self.blocks)}, 2, H, L, D/H] from cache_text, "
+        batch = (text if text is not None else text_kv).shape[0]
+        if batch not in (x.shape[0], 2 * x.shape[0]):
+            raise ValueError(f"the text's batch must be x's ({x.shape[0]}) or twice it (conditional, then null), "
+                             f"got {batch}")
+        if text is not None and (text.dim() != 3 or text.shape[2] != self.text_dim):
+            raise ValueError(f"text must be [{batch}, L, {self.text_dim}], got {list(text.shape)}")
+        if text_kv is not None and text_kv.shape[1] != len(self.blocks):
+            raise ValueError(f"text_kv must be [{batch}, {len(self.blocks)}, 2, H, L, D/H] from cache_text, "
                              f"got {list(text_kv.shape)}")
         length = text.shape[1] if text is not None else text_kv.shape[-2]
-        if text_mask is not None and text_mask.shape != (x.shape[0], length):
-            raise ValueError(f"text_mask must be [{x.shape[0]}, {length}], got {list(text_mask.shape)}")
+        if text_mask is not None and text_mask.shape != (batch, length):
+            raise ValueError(f"text_mask must be [{batch}, {length}], got {list(text_mask.shape)}")
 
 
 def init_weights(module: nn.Module):

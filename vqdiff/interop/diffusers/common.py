@@ -4,10 +4,11 @@ import re
 
 from torch import nn
 
+from ...errors import UserError
 from ...models.loading import load_exactly as load_checked
 
 
-class DiffusersConversionError(ValueError):
+class DiffusersConversionError(UserError, ValueError):
     """A model that a VQDiffusionPipeline folder cannot hold exactly, or a folder vqdiff cannot read."""
 
 
