@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from vqdiff.diffusion.discrete import MaskAndReplaceDiffusion
-from vqdiff.diffusion.discrete_sampling import (DENSE_SHARE, SamplingOptions, SamplingStrategy, X0Distribution,
-                                                _gather_rows, sample_rows, sampling_timesteps, truncate)
+from vqdiff.diffusion.discrete_sampling import SamplingOptions, SamplingStrategy, sampling_timesteps
+from vqdiff.diffusion.truncation import truncate
+from vqdiff.diffusion.x0_distribution import DENSE_SHARE, X0Distribution, _gather_rows, sample_rows
 from vqdiff.diffusion.guidance import guide_log_probs
 
 SAMPLES = 20_000

@@ -2,7 +2,7 @@
 
 import torch
 
-from vqdiff.diffusion.discrete_sampling import X0Distribution
+from vqdiff.diffusion.x0_distribution import X0Distribution
 from vqdiff.eval.trace import predicted_x0, record_steps
 
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..diffusion.discrete_sampling import X0Distribution, sampling_timesteps
+from ..diffusion.discrete_sampling import sampling_timesteps
 from ..diffusion.guidance import guided_call
+from ..diffusion.x0_distribution import X0Distribution
 from .shapes import evaluate
 
 COLUMNS = ("colour", "shape", "position", "size", "image", "extra")
