@@ -220,7 +220,8 @@ def build_network(cfg: ExperimentConfig, shape: tuple[int, ...] | None = None,
                 attn_resolutions=tuple(u.attn_resolutions), num_res_blocks=u.num_res_blocks,
                 dropout=u.dropout, image_size=shape[1], learn_sigma=learn_sigma,
                 num_classes=u.num_classes, num_heads=u.num_heads, resblock_updown=u.resblock_updown,
-                use_scale_shift_norm=u.use_scale_shift_norm, grad_checkpointing=u.grad_checkpointing, **text)
+                use_scale_shift_norm=u.use_scale_shift_norm, grad_checkpointing=u.grad_checkpointing,
+                position_embedding=u.position_embedding, **text)
 
 
 def build_ddpm_model(cfg: ExperimentConfig, tokenizer=None) -> nn.Module:

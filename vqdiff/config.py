@@ -91,6 +91,7 @@ class UNetConfig:
     num_classes: int | None = None   # class-label conditioning
     text: bool = False               # cross-attention to the caption's token features (the `text:` encoder)
     text_drop_prob: float = 0.1      # text: caption swapped for a learned null caption (classifier-free guidance)
+    position_embedding: bool = False  # a learned per-pixel embedding after the input conv: the absolute place
     grad_checkpointing: bool = False
 
 

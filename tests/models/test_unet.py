@@ -241,3 +241,24 @@ def test_null_caption_arguments_are_checked():
     model = UNet(**SMALL, context_dim=12, text_length=6, text_drop_prob=0.1).train()
     with pytest.raises(ValueError, match="text of length 6"):
         model(torch.randn(2, 3, 16, 16), torch.zeros(2), text=torch.randn(2, 5, 12))
+
+
+def test_position_embedding_lets_a_blank_image_map_to_any_pattern():
+    """From a blank input, a UNet without position embedding can only tell pixels apart by their distance to the
+    borders, so it cannot paint a random pattern; with it, each pixel has its own learned input."""
+    target = (torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(0)) > 0.5).float().expand(4, -1, -1, -1)
+    losses = {}
+    for position in (False, True):
+        torch.manual_seed(0)
+        model = UNet(in_channels=1, out_channels=1, ch=16, ch_mult=(1,), attn_resolutions=(), num_res_blocks=1,
+                     dropout=0.0, image_size=16, position_embedding=position)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(150):
+            loss = F.mse_loss(model(torch.zeros(4, 1, 16, 16), torch.zeros(4)), target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        losses[position] = loss.item()
+    assert losses[True] < 0.02 and losses[False] > 5 * losses[True], losses
+    with pytest.raises(ValueError, match=r"takes \[16, 16\] images, got \[8, 8\]"):
+        model(torch.zeros(1, 1, 8, 8), torch.zeros(1))

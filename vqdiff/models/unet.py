@@ -148,6 +148,8 @@ class UNet(nn.Module):
     `text_length` adds a learned null caption [text_length, context_dim] (`null_text`); in training each caption
     is swapped for it with probability `text_drop_prob`. It starts at `null_text_std` per element (default
     1/sqrt(context_dim), the scale of L2-normalised features; 1.0 for raw layer-norm outputs).
+    `position_embedding` adds a learned embedding [ch, image_size, image_size] (zeros at first) after the input
+    convolution: the absolute place, for captions that name one ("at the top left").
     """
 
     def __init__(self, in_channels: int = 3, out_channels: int = 3, ch: int = 128,
@@ -156,7 +158,8 @@ class UNet(nn.Module):
                  num_classes: int | None = None, context_dim: int | None = None, num_heads: int = 1,
                  num_head_channels: int | None = None, resblock_updown: bool = False,
                  use_scale_shift_norm: bool = False, grad_checkpointing: bool = False,
-                 text_length: int | None = None, text_drop_prob: float = 0.0, null_text_std: float | None = None):
+                 text_length: int | None = None, text_drop_prob: float = 0.0, null_text_std: float | None = None,
+                 position_embedding: bool = False):
         super().__init__()
         if text_length is not None and context_dim is None:
             raise ValueError("text_length (a null caption) needs text conditioning (context_dim)")
@@ -192,6 +195,8 @@ class UNet(nn.Module):
             return res(c, c, "up") if resblock_updown else Upsample(c)
 
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        # convolutions and attention see no absolute place but through the zero padding at the borders
+        self.pos_embed = nn.Parameter(torch.zeros(1, ch, image_size, image_size)) if position_embedding else None
         self.down_blocks = nn.ModuleList()
         skip_channels = [ch]
         c, resolution = ch, image_size
@@ -296,6 +301,11 @@ class UNet(nn.Module):
                                  f"got {text.shape[1]}")
             text, text_mask = drop_text(text, text_mask, self.null_text_embed, self.text_drop_prob)
         h = self.conv_in(x)
+        if self.pos_embed is not None:
+            if h.shape[2:] != self.pos_embed.shape[2:]:
+                raise ValueError(f"a UNet with a position embedding takes {list(self.pos_embed.shape[2:])} images, "
+                                 f"got {list(x.shape[2:])}")
+            h = h + self.pos_embed
         skips = [h]
         for block in self.down_blocks:
             for layer in block:
