@@ -11,8 +11,7 @@ same threshold.
 The fast selection costs a few passes over each row instead of a sort (7-20x faster on a CPU at K = 2887): a
 histogram of each row's mass over value buckets (the float's exponent and top mantissa bits), summed from the
 top, gives the bucket where the sum reaches `rate`; only that bucket's few classes are then sorted. `truncate`
-selects and masks one block of rows at a time, so every temporary is a block-sized buffer reused by the next block;
-`threshold_and_mass` also takes class-major blocks (classes along dim 0 of memory), as the sampler's logits are.
+selects and masks one block of rows at a time, so every temporary is a block-sized buffer reused by the next block.
 """
 
 import torch
@@ -34,7 +33,7 @@ def truncate(probs: torch.Tensor, rate: float) -> torch.Tensor:
     workspace = Workspace(probs.shape[1], probs.shape[0], probs.device)
     for block in probs.split(workspace.rows):
         threshold, mass = threshold_and_mass(block, rate, workspace)
-        keep_at_or_above(block, threshold, workspace.like("float32", block))
+        keep_at_or_above(block, threshold, workspace.view("float32", block.shape))
         block.mul_(mass.reciprocal().float().unsqueeze(1))
     return probs
 
@@ -68,8 +67,8 @@ def truncation_threshold(probs: torch.Tensor, rate: float) -> torch.Tensor:
 
 
 class Workspace:
-    """Block-sized flat buffers for blocks of up to `rows` rows of K classes, viewed in each block's shape and
-    layout in turn. One set for every block of a call: fresh multi-MiB buffers per block are fresh pages from
+    """Block-sized flat buffers for blocks of up to `rows` rows of K classes, viewed in each block's shape in
+    turn. One set for every block of a call: fresh multi-MiB buffers per block are fresh pages from
     the kernel, whose page faults cost more than the arithmetic. On CPU a block is CHUNK_ELEMENTS (cache-sized),
     on an accelerator every row at once."""
 
@@ -83,35 +82,24 @@ class Workspace:
         self.float64 = torch.empty(size, dtype=torch.float64, device=device)
         self.mass = torch.empty(0, dtype=torch.float64, device=device)
 
-    def like(self, name: str, values: torch.Tensor, columns: int | None = None) -> torch.Tensor:
-        """A buffer viewed as `[R, columns or K]` in the layout of `values` `[R, K]` (row- or class-major), so
-        elementwise passes over both run through memory in order."""
-        rows, columns = values.shape[0], values.shape[1] if columns is None else columns
-        flat = getattr(self, name)[:rows * columns]
-        return flat.view(columns, rows).t() if _class_major(values) else flat.view(rows, columns)
-
-    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """A buffer viewed as a contiguous tensor of `shape` (at most a block's elements)."""
+    def view(self, name: str, shape: tuple[int, int]) -> torch.Tensor:
+        """A buffer viewed as a contiguous `shape` (at most a block's elements)."""
         return getattr(self, name)[:shape[0] * shape[1]].view(shape)
 
-    def zero_mass(self, values: torch.Tensor, columns: int) -> torch.Tensor:
-        if self.mass.numel() < values.shape[0] * columns:
-            self.mass = torch.empty(values.shape[0] * columns, dtype=torch.float64, device=self.mass.device)
-        return self.like("mass", values, columns).zero_()
-
-
-def _class_major(values: torch.Tensor) -> bool:
-    return values.stride(1) != 1 and values.shape[1] > 1
+    def zero_mass(self, shape: tuple[int, int]) -> torch.Tensor:
+        if self.mass.numel() < shape[0] * shape[1]:
+            self.mass = torch.empty(shape[0] * shape[1], dtype=torch.float64, device=self.mass.device)
+        return self.view("mass", shape).zero_()
 
 
 def threshold_and_mass(values: torch.Tensor, rate: float, workspace: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
-    """The threshold `[R, 1]` of float32 rows `[R, K]` (row-major, or class-major: `values.t()` contiguous) and
-    the mass every class at or above it holds `[R]` (float64, exact)."""
+    """The threshold `[R, 1]` of contiguous float32 rows `[R, K]` and the mass every class at or above it holds
+    `[R]` (float64, exact)."""
     num_rows, num_classes = values.shape
     # a row's classes below (1 - rate) / K hold less than 1 - rate together: its threshold lies above that
     index, index64, last = _bucket_index(values, max((1.0 - rate) / num_classes / 2, EXACT_FLOOR), workspace)
-    mass = workspace.zero_mass(values, last + BELOW_COLUMNS)
-    from_top = mass.scatter_add_(1, index64, workspace.like("float64", values).copy_(values))
+    mass = workspace.zero_mass((num_rows, last + BELOW_COLUMNS))
+    from_top = mass.scatter_add_(1, index64, workspace.view("float64", values.shape).copy_(values))
     from_top = from_top.cumsum_(1)  # mass of buckets 0..j
     crossing = (from_top < rate).sum(dim=1)  # [R]: the bucket holding the threshold
     above = torch.where(crossing > 0, from_top.gather(1, (crossing - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0.0)
@@ -138,12 +126,12 @@ def _bucket_index(values: torch.Tensor, floor: float, workspace: Workspace
     shift = 23 - BUCKET_BITS
     top, lowest = (int(torch.tensor(v, dtype=torch.float32).view(torch.int32)) >> shift for v in (1.0, floor))
     last = top - lowest + 1
-    key = torch.bitwise_right_shift(values.view(torch.int32), shift, out=workspace.like("int32", values))
+    key = torch.bitwise_right_shift(values.view(torch.int32), shift, out=workspace.view("int32", values.shape))
     index = torch.sub(torch.tensor(top, dtype=torch.int32, device=values.device), key.clamp_(max=top), out=key)
     # below the range: last + (index - last) mod BELOW_COLUMNS, never more than index itself; in range: index
-    spread = torch.sub(index, last, out=workspace.like("spread", values)).bitwise_and_(BELOW_COLUMNS - 1)
+    spread = torch.sub(index, last, out=workspace.view("spread", values.shape)).bitwise_and_(BELOW_COLUMNS - 1)
     index = torch.minimum(index, spread.add_(last), out=index)
-    return index, workspace.like("int64", values).copy_(index), last
+    return index, workspace.view("int64", values.shape).copy_(index), last
 
 
 def _within_bucket(values: torch.Tensor, row: torch.Tensor, column: torch.Tensor, above: torch.Tensor,

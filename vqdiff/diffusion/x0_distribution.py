@@ -107,16 +107,18 @@ class X0Distribution:
         drawn = torch.empty_like(rows)
         dense = self._dense(rows)
         for block in self._blocks(torch.arange(rows.shape[0], device=rows.device)):
-            if dense:  # the table's rows, zero below their threshold (sample_rows needs no normalisation)
-                probs, threshold, _ = self._table
-                weights = torch.empty(block.shape[0], self.cond_logits.shape[1])
-                for b, where, token in _per_batch(rows[block], len(probs), self.cond_logits.shape[2]):
-                    weights[where] = probs[b].index_select(0, token)
-                weights = keep_at_or_above(weights, threshold.view(-1)[rows[block]].unsqueeze(1))
-            else:
-                weights = self.rows(rows[block])
+            weights = self._table_rows(rows[block]) if dense else self.rows(rows[block])
             drawn[block] = sample_rows(weights, generator)
         return drawn
+
+    def _table_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The table's rows `[R, K]` at ascending flat token indices `rows`, zero below their threshold and not
+        renormalised (sample_rows divides by the total)."""
+        probs, threshold, _ = self._table
+        weights = torch.empty(rows.shape[0], self.cond_logits.shape[1])
+        for b, where, token in _per_batch(rows, len(probs), self.cond_logits.shape[2]):
+            weights[where] = probs[b].index_select(0, token)
+        return keep_at_or_above(weights, threshold.view(-1)[rows].unsqueeze(1))
 
     def _dense(self, rows: torch.Tensor) -> bool:
         """Whether to read truncated rows from the table of every token, building it if `rows` are enough."""
@@ -143,7 +145,7 @@ class X0Distribution:
                 null = None if self.null_logits is None else self.null_logits[b, :, columns]
                 scaled = self._scaled(self.cond_logits[b, :, columns], null)  # [K, width]
                 if not scaled.is_contiguous():  # contiguous, the transposed copy below is a cache-blocked one
-                    scaled = workspace.take("float32", scaled.shape).copy_(scaled)
+                    scaled = workspace.view("float32", scaled.shape).copy_(scaled)
                 block = probs[b][columns].copy_(scaled.t())
                 exps, _ = shifted_exp(block, dim=1, inplace=True)
                 block.div_(exps.sum(dim=1, keepdim=True))
