@@ -10,7 +10,7 @@ import torch
 from vqdiff.diffusion.discrete import MaskAndReplaceDiffusion
 from vqdiff.diffusion.discrete_sampling import SamplingOptions, SamplingStrategy, sampling_timesteps
 from vqdiff.diffusion.truncation import truncate
-from vqdiff.diffusion.x0_distribution import DENSE_SHARE, X0Distribution, _gather_rows, sample_rows
+from vqdiff.diffusion.x0_distribution import DENSE_SHARE, X0Distribution, sample_rows
 from vqdiff.diffusion.guidance import guide_log_probs
 
 SAMPLES = 20_000
@@ -193,16 +193,17 @@ def test_prob_at_and_purity_equal_the_processed_rows(rate, guidance_scale, share
     generator = torch.Generator().manual_seed(8)
     cond = torch.randn(B, K, N, generator=generator) * torch.linspace(*scale, N)
     null = torch.randn(B, K, N, generator=generator)
-    x0_dist = X0Distribution(cond, null if guidance_scale != 1.0 else None, guidance_scale, 0.8, rate)
+    null = null if guidance_scale != 1.0 else None
+    x0_dist = X0Distribution(cond, null, guidance_scale, 0.8, rate)
     rows = torch.randperm(B * N, generator=generator)[: int(share * B * N)].sort().values
-    probs = X0Distribution(cond, x0_dist.null_logits, guidance_scale, 0.8, rate).rows(rows)
+    probs = X0Distribution(cond, null, guidance_scale, 0.8, rate).rows(rows)
     classes = torch.where(torch.rand(rows.shape, generator=generator) < 0.5, probs.argmax(1),
                           torch.randint(K, rows.shape, generator=generator))
     expected = probs.gather(1, classes.unsqueeze(1)).squeeze(1)
     # logits of +-500 (scale 30, guided, tempered) leave exp(logit - log-normaliser) a float32 rtol of ~3e-5
     torch.testing.assert_close(x0_dist.prob_at(rows, classes), expected, atol=1e-6, rtol=1e-4)
     assert (x0_dist._table is not None) == (rate < 1.0 and share >= DENSE_SHARE)
-    untruncated = X0Distribution(cond, x0_dist.null_logits, guidance_scale, 0.8, 1.0).rows(rows)
+    untruncated = X0Distribution(cond, null, guidance_scale, 0.8, 1.0).rows(rows)
     assert torch.allclose(x0_dist.purity(rows), untruncated.amax(1), atol=1e-6)
 
 
@@ -216,24 +217,29 @@ def test_draws_from_the_table_follow_the_truncated_rows(guidance_scale):
     null = torch.randn(B, K, 1, generator=generator).expand(B, K, N).contiguous()
     rows = torch.arange(B * N)
     counts = torch.zeros(B, K)
+    null = null if guidance_scale != 1.0 else None
     for _ in range(79):
-        x0_dist = X0Distribution(cond, null if guidance_scale != 1.0 else None, guidance_scale, 1.0, rate)
+        x0_dist = X0Distribution(cond, null, guidance_scale, 1.0, rate)
         drawn = x0_dist.draw(rows, generator).view(B, N)
         assert x0_dist._table is not None
         counts += torch.nn.functional.one_hot(drawn, K).sum(1)
-    expected = X0Distribution(cond, x0_dist.null_logits, guidance_scale, 1.0, rate).rows(torch.tensor([0, N]))
+    expected = X0Distribution(cond, null, guidance_scale, 1.0, rate).rows(torch.tensor([0, N]))
     frequencies = counts / counts.sum(1, keepdim=True)
     assert torch.equal(frequencies > 0, expected > 0)  # exactly the kept classes drawn
     assert (frequencies - expected).abs().max() < 4 * math.sqrt(0.25 / (79 * N))
 
 
-def test_gather_rows_both_paths():
-    for shape in ((3, 7, 100), (3, 7, 10)):  # the per-batch index_select path, then plain indexing
-        logits = torch.randn(*shape)
-        rows = torch.randperm(shape[0] * shape[2])[:37].sort().values
-        expected = logits.permute(0, 2, 1).reshape(-1, shape[1])[rows]
-        assert torch.equal(_gather_rows(logits, rows), expected)
-        assert _gather_rows(logits, rows[:0]).shape == (0, shape[1])
+def test_class_major_and_token_major_logits_give_the_same_distribution():
+    """The sampler reads logits of either memory layout (DiffusionTransformer's inference logits are a [B, K, N]
+    view of [B, N, K] memory) and finds the same values."""
+    generator = torch.Generator().manual_seed(10)
+    cond, null = (3 * torch.randn(3, 100, 7, generator=generator) for _ in range(2))
+    token_major = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (cond, null)]
+    rows, classes = torch.tensor([0, 4, 5, 20]), torch.tensor([3, 0, 99, 50])
+    dists = [X0Distribution(c, n, 2.0, 0.9, 0.8) for c, n in ((cond, null), token_major)]
+    for method, args in (("rows", (rows,)), ("prob_at", (rows, classes)), ("purity", (rows,)), ("scaled", ())):
+        assert torch.equal(getattr(dists[0], method)(*args), getattr(dists[1], method)(*args))
+    assert dists[1].cond.data_ptr() == token_major[0].data_ptr()  # a view, no copy
 
 
 class CountingModel:

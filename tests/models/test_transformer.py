@@ -168,23 +168,39 @@ def test_cached_condition_and_null_condition_concatenate_for_guidance():
 
 
 @pytest.mark.parametrize("cached", [True, False])
-def test_paired_text_shares_the_first_self_attention(cached):
-    """x and t once with 2B text rows (what guided_call passes) equal the 2B call, the first block's
-    self-attention running on B rows and every later one on 2B."""
+def test_guided_call_shares_the_first_self_attention_and_the_head(cached):
+    """x and t once with 2B text rows (what guided_call passes) give the 2B call's logits, the first block's
+    self-attention running on B rows and every later one on 2B; with guidance_scale the head runs once on B
+    mixed rows and gives null + s (cond - null) of those logits."""
     model = tiny(null_text_embedding=True).eval()
     x, t, text, mask = inputs()
     null, null_mask = model.null_text(3)
     cond, null_cond = ((model.cache_text(text, mask), model.cache_text(null, null_mask)) if cached
                        else (dict(text=text, text_mask=mask), dict(text=null.contiguous(), text_mask=null_mask)))
     both = model(torch.cat([x, x]), torch.cat([t, t]), **concat_cond(cond, null_cond))
+    torch.testing.assert_close(model(x, t, **concat_cond(cond, null_cond)), both, rtol=0, atol=1e-5)
     batches = []
-    hooks = [block.attn1.register_forward_hook(lambda m, args, out: batches.append(out.shape[0]))
-             for block in model.blocks]
-    cond_out, null_out = guided_call(model, x, t, cond, null_cond, 3.0)
+    modules = [block.attn1 for block in model.blocks] + [model.to_logits[1]]
+    hooks = [m.register_forward_hook(lambda m, args, out: batches.append(out.shape[0])) for m in modules]
+    guided, none = guided_call(model, x, t, cond, null_cond, 3.0)
     for hook in hooks:
         hook.remove()
-    assert batches == [3, 6]
-    torch.testing.assert_close(torch.cat([cond_out, null_out]), both, rtol=0, atol=1e-5)
+    assert batches == [3, 6, 3] and none is None
+    torch.testing.assert_close(guided, torch.lerp(both[3:], both[:3], 3.0), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="guidance_scale needs the text of 2B rows"):
+        model(x, t, guidance_scale=3.0, **cond)
+
+
+@pytest.mark.parametrize("factors", [None, (4, 5)])
+def test_logits_are_class_major_in_training_and_token_major_otherwise(factors):
+    """The same values either way; training writes [B, K, N] memory, inference [B, N, K] memory (a view)."""
+    model = tiny(**({} if factors is None else dict(num_classes=20, factors=factors)))
+    x, t, text, mask = inputs()
+    x = x.clamp(max=model.num_classes)
+    training = model.train()(x, t, text=text, text_mask=mask)
+    inference = model.eval()(x, t, text=text, text_mask=mask)
+    assert training.is_contiguous() and inference.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(inference, training, rtol=0, atol=1e-5)
 
 
 def test_null_text_embedding():

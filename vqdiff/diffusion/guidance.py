@@ -17,14 +17,14 @@ def concat_cond(cond: dict, null_cond: dict) -> dict:
 
 def guided_call(model, x: torch.Tensor, t: torch.Tensor, cond: dict, null_cond: dict | None,
                 guidance_scale: float):
-    """Return (conditional output, null output or None). With scale 1 or no null_cond: one B-sized call.
-    A model with `pairs_text` takes x and t once with the 2B conditions (and shares what does not read them)."""
+    """Return (conditional output, null output or None); callers combine the two (`guide`), None as identity.
+    With scale 1 or no null_cond: one B-sized call. A model that `guides` takes x and t once with the 2B
+    conditions and `guidance_scale`, and returns the guided output itself: (guided output, None)."""
     if guidance_scale == 1.0 or null_cond is None:
         return model(x, t, **cond), None
-    if getattr(model, "pairs_text", False):
-        out = model(x, t, **concat_cond(cond, null_cond))
-    else:
-        out = model(torch.cat([x, x]), torch.cat([t, t]), **concat_cond(cond, null_cond))
+    if getattr(model, "guides", False):
+        return model(x, t, guidance_scale=guidance_scale, **concat_cond(cond, null_cond)), None
+    out = model(torch.cat([x, x]), torch.cat([t, t]), **concat_cond(cond, null_cond))
     cond_out, null_out = out.chunk(2, dim=0)
     return cond_out, null_out
 

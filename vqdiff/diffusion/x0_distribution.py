@@ -24,73 +24,79 @@ class X0Distribution:
     (Tang et al. 2022, eq. 10), then temperature, then truncation, evaluated only where asked.
 
     log_softmax(log_softmax(n) + s (log_softmax(c) - log_softmax(n))) = log_softmax(n + s (c - n)): the
-    per-token normalisers cancel, so guidance is one lerp of the raw logits. Only the tokens asked for are
-    read: their log-normaliser and largest probability (purity), and whole rows for the tokens that are
-    drawn or that truncation cannot settle from p(x0 = x_t) alone. On CPU, once truncation asks for at least
-    DENSE_SHARE of the tokens, every token is truncated in one cache-sized pass (`_truncation_table`).
+    per-token normalisers cancel, so guidance is one lerp of the raw logits (null_logits None: cond_logits are
+    already guided, or unguided). Only the tokens asked for are read: their log-normaliser and largest
+    probability (purity), and whole rows for the tokens that are drawn or that truncation cannot settle from
+    p(x0 = x_t) alone. The logits are read token-major, each token's K classes contiguous: a view of
+    DiffusionTransformer's inference logits, a transposed copy of class-major ones. On CPU, once truncation asks
+    for at least DENSE_SHARE of the tokens, every token is truncated in one cache-sized pass (`_truncation_table`).
     """
 
     def __init__(self, cond_logits: torch.Tensor, null_logits: torch.Tensor | None, guidance_scale: float,
                  temperature: float, truncation_rate: float):
-        self.cond_logits, self.null_logits = cond_logits, null_logits
+        self.shape = cond_logits.shape
+        self.cond = _token_major(cond_logits)  # [B, N, K], contiguous
+        self.null = None if null_logits is None else _token_major(null_logits)
         self.guidance_scale, self.inverse_temperature = guidance_scale, 1.0 / temperature
         self.truncation_rate = truncation_rate
         self._table = None  # (probabilities per batch row [N, K], threshold [B, N], kept mass [B, N]), once built
 
-    def _scaled(self, cond: torch.Tensor, null: torch.Tensor | None) -> torch.Tensor:
-        logits = cond.float() if null is None else torch.lerp(null.float(), cond.float(), self.guidance_scale)
-        return logits if self.inverse_temperature == 1.0 else logits * self.inverse_temperature
+    def _scaled(self, cond: torch.Tensor, null: torch.Tensor | None, out: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Guided, tempered float32 logits of matching pieces of cond and null, written into `out` (which may be
+        cond itself; a new tensor if None)."""
+        out = torch.empty(cond.shape, device=cond.device) if out is None else out
+        if null is not None:
+            torch.lerp(null.float(), cond.float(), self.guidance_scale, out=out)
+        else:
+            out.copy_(cond)
+        return out if self.inverse_temperature == 1.0 else out.mul_(self.inverse_temperature)
 
     def scaled(self) -> torch.Tensor:
-        """The guided, tempered logits `[B, K, N]` of every token (float32, before truncation)."""
-        return self._scaled(self.cond_logits, self.null_logits)
+        """The guided, tempered logits `[B, K, N]` of every token (float32, before truncation; token-major, new)."""
+        return self._scaled(self.cond, self.null).transpose(1, 2)
+
+    def _scaled_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Guided, tempered logits `[R, K]` (new) at flat token indices `rows` (b * N + n)."""
+        num_classes = self.shape[1]
+        cond = self.cond.view(-1, num_classes).index_select(0, rows)
+        null = None if self.null is None else self.null.view(-1, num_classes).index_select(0, rows)
+        return self._scaled(cond, null, out=cond if cond.dtype == torch.float32 else None)
 
     def _statistics(self, rows: torch.Tensor):
-        """Log-normaliser and largest probability `[R]` at ascending flat token indices `rows` (b * N + n):
-        from the columns of those tokens when they are few, else from one pass over everything."""
-        batch_size, _, num_tokens = self.cond_logits.shape
-        if not _columnwise(self.cond_logits) or 4 * rows.shape[0] >= 3 * batch_size * num_tokens:
-            normalizer, purity = self._all_statistics()
-            return normalizer.view(-1)[rows], purity.view(-1)[rows]
-        normalizer, purity = torch.empty(rows.shape[0]), torch.empty(rows.shape[0])
-        for b, where, token in _per_batch(rows, batch_size, num_tokens):
-            null = None if self.null_logits is None else self.null_logits[b].index_select(1, token)
-            columns = self._scaled(self.cond_logits[b].index_select(1, token), null)  # [K, R_b], a copy
-            exps, top = shifted_exp(columns, dim=0, inplace=True)
-            total = exps.sum(dim=0)  # the largest class has exp(0) = 1
-            normalizer[where], purity[where] = top.squeeze(0) + total.log(), total.reciprocal()
-        return normalizer, purity
-
-    def _all_statistics(self):
-        """Log-normaliser and largest probability `[B, N]` of every token, a few batch rows at a time."""
-        normalizers, purities = [], []
-        for rows in _batch_chunks(self.cond_logits):
-            null = None if self.null_logits is None else self.null_logits[rows]
-            exps, top = shifted_exp(self._scaled(self.cond_logits[rows], null), dim=1)  # [b, K, N]
-            total = exps.sum(dim=1)
-            normalizers.append(top.squeeze(1) + total.log())
-            purities.append(total.reciprocal())
-        return torch.cat(normalizers), torch.cat(purities)
+        """Log-normaliser and largest probability `[R]` at flat token indices `rows`: from those rows when they
+        are few, else from one pass over every token."""
+        num_rows = self.shape[0] * self.shape[2]
+        every = 4 * rows.shape[0] >= 3 * num_rows
+        count = num_rows if every else rows.shape[0]
+        normalizer, purity = torch.empty(count, device=rows.device), torch.empty(count, device=rows.device)
+        for piece in self._pieces(normalizer.shape[0]):
+            if every:
+                null = None if self.null is None else self.null.view(-1, self.shape[1])[piece]
+                logits = self._scaled(self.cond.view(-1, self.shape[1])[piece], null)
+            else:
+                logits = self._scaled_rows(rows[piece])
+            exps, top = shifted_exp(logits, dim=1, inplace=True)
+            total = exps.sum(dim=1)  # the largest class has exp(0) = 1
+            normalizer[piece], purity[piece] = top.squeeze(1) + total.log(), total.reciprocal()
+        return (normalizer[rows], purity[rows]) if every else (normalizer, purity)
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Probabilities `[R, K]` at ascending flat token indices `rows`."""
-        null = None if self.null_logits is None else _gather_rows(self.null_logits, rows)
-        probs, _ = stable_softmax(self._scaled(_gather_rows(self.cond_logits, rows), null), dim=1, inplace=True)
+        """Probabilities `[R, K]` at flat token indices `rows`."""
+        probs, _ = stable_softmax(self._scaled_rows(rows), dim=1, inplace=True)
         return truncate(probs, self.truncation_rate)
 
     def prob_at(self, rows: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """p(x0 = classes | x_t) `[R]` at ascending flat token indices `rows`."""
-        num_tokens = self.cond_logits.shape[2]
         if self._dense(rows):
             probs, threshold, kept = self._table
             p = torch.empty(rows.shape[0])
-            for b, where, token in _per_batch(rows, len(probs), num_tokens):
+            for b, where, token in _per_batch(rows, len(probs), self.shape[2]):
                 p[where] = probs[b][token, classes[where]]
             return torch.where(p >= threshold.view(-1)[rows], p / kept.view(-1)[rows], 0.0).float()
-        batch, token = rows // num_tokens, rows % num_tokens
-        null = None if self.null_logits is None else self.null_logits[batch, classes, token]
-        logit = self._scaled(self.cond_logits[batch, classes, token], null)
-        p = torch.exp(logit - self._statistics(rows)[0])
+        flat = rows * self.shape[1] + classes
+        null = None if self.null is None else self.null.view(-1)[flat]
+        p = torch.exp(self._scaled(self.cond.view(-1)[flat], null) - self._statistics(rows)[0])
         if self.truncation_rate >= 1.0:
             return p
         # truncation keeps a class alone that reaches rate and holds more than 1/2; other rows need their full
@@ -98,7 +104,8 @@ class X0Distribution:
         alone = _alone(p, self.truncation_rate)
         p = torch.where(alone, 1.0, p)
         unsettled = (~alone).nonzero().squeeze(1)
-        for block in self._blocks(unsettled):
+        for piece in self._pieces(unsettled.shape[0]):
+            block = unsettled[piece]
             p[block] = self.rows(rows[block]).gather(1, classes[block].unsqueeze(1)).squeeze(1)
         return p
 
@@ -106,83 +113,75 @@ class X0Distribution:
         """One token `[R]` from p(x0 | x_t) at each of the ascending flat token indices `rows`."""
         drawn = torch.empty_like(rows)
         dense = self._dense(rows)
-        for block in self._blocks(torch.arange(rows.shape[0], device=rows.device)):
-            weights = self._table_rows(rows[block]) if dense else self.rows(rows[block])
-            drawn[block] = sample_rows(weights, generator)
+        for piece in self._pieces(rows.shape[0]):
+            weights = self._table_rows(rows[piece]) if dense else self.rows(rows[piece])
+            drawn[piece] = sample_rows(weights, generator)
         return drawn
 
     def _table_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """The table's rows `[R, K]` at ascending flat token indices `rows`, zero below their threshold and not
         renormalised (sample_rows divides by the total)."""
         probs, threshold, _ = self._table
-        weights = torch.empty(rows.shape[0], self.cond_logits.shape[1])
-        for b, where, token in _per_batch(rows, len(probs), self.cond_logits.shape[2]):
+        weights = torch.empty(rows.shape[0], self.shape[1])
+        for b, where, token in _per_batch(rows, len(probs), self.shape[2]):
             weights[where] = probs[b].index_select(0, token)
         return keep_at_or_above(weights, threshold.view(-1)[rows].unsqueeze(1))
 
     def _dense(self, rows: torch.Tensor) -> bool:
         """Whether to read truncated rows from the table of every token, building it if `rows` are enough."""
-        batch_size, _, num_tokens = self.cond_logits.shape
-        if (self._table is None and self.truncation_rate < 1.0 and _columnwise(self.cond_logits)
+        batch_size, _, num_tokens = self.shape
+        if (self._table is None and self.truncation_rate < 1.0 and self.cond.device.type == "cpu"
                 and rows.shape[0] >= DENSE_SHARE * batch_size * num_tokens):
             self._table = self._truncation_table()
         return self._table is not None
 
     def _truncation_table(self):
         """Every token's p(x0 | x_t), a table `[N, K]` per batch row, with its truncation threshold and kept
-        mass `[B, N]`: a cache-sized block of tokens at a time is transposed, scaled, normalised and selected
-        while in cache, instead of a pass over all tokens per operation."""
-        batch_size, num_classes, num_tokens = self.cond_logits.shape
+        mass `[B, N]`: a cache-sized block of tokens at a time is scaled, normalised and selected while in cache,
+        instead of a pass over all tokens per operation."""
+        batch_size, num_classes, num_tokens = self.shape
         rate = self.truncation_rate
-        workspace = Workspace(num_classes, num_tokens, self.cond_logits.device)
+        workspace = Workspace(num_classes, num_tokens, self.cond.device)
         # one [N, K] table per batch row: below glibc's mmap threshold, so the last step's memory is reused
         probs = [torch.empty(num_tokens, num_classes) for _ in range(batch_size)]
         threshold = torch.empty(batch_size, num_tokens)
         kept = torch.empty(batch_size, num_tokens, dtype=torch.float64)
         for b in range(batch_size):
             for start in range(0, num_tokens, workspace.rows):
-                columns = slice(start, start + workspace.rows)
-                null = None if self.null_logits is None else self.null_logits[b, :, columns]
-                scaled = self._scaled(self.cond_logits[b, :, columns], null)  # [K, width]
-                if not scaled.is_contiguous():  # contiguous, the transposed copy below is a cache-blocked one
-                    scaled = workspace.view("float32", scaled.shape).copy_(scaled)
-                block = probs[b][columns].copy_(scaled.t())
+                tokens = slice(start, start + workspace.rows)
+                null = None if self.null is None else self.null[b, tokens]
+                block = self._scaled(self.cond[b, tokens], null, out=probs[b][tokens])
                 exps, _ = shifted_exp(block, dim=1, inplace=True)
                 block.div_(exps.sum(dim=1, keepdim=True))
                 top = block.amax(dim=1)
                 if bool(_alone(top, rate).all()):  # each token's largest class alone reaches rate
-                    threshold[b, columns], kept[b, columns] = top, top
+                    threshold[b, tokens], kept[b, tokens] = top, top
                 else:
                     low, mass = threshold_and_mass(block, rate, workspace)
-                    threshold[b, columns], kept[b, columns] = low.squeeze(1), mass
+                    threshold[b, tokens], kept[b, tokens] = low.squeeze(1), mass
         return probs, threshold, kept
 
-    def _blocks(self, indices: torch.Tensor):
-        """Consecutive pieces of `indices` whose rows take at most 16 MiB each on CPU (bounded temporaries
-        that glibc recycles, see `_batch_chunks`); one piece elsewhere."""
-        num_classes = self.cond_logits.shape[1]
-        size = max(1, (1 << 22) // num_classes) if self.cond_logits.device.type == "cpu" else indices.shape[0]
-        return indices.split(size) if indices.shape[0] else ()
+    def _pieces(self, count: int) -> list[slice]:
+        """Consecutive slices of `count` rows taking at most 16 MiB of float32 each on CPU (bounded temporaries:
+        glibc reuses freed blocks below its 32 MiB mmap threshold instead of mapping fresh zeroed pages, 2-3x
+        faster per pass); one slice elsewhere."""
+        size = max(1, (1 << 22) // self.shape[1]) if self.cond.device.type == "cpu" else max(count, 1)
+        return [slice(i, i + size) for i in range(0, count, size)]
 
     def purity(self, rows: torch.Tensor) -> torch.Tensor:
         """max_k p(x0 = k | x_t) `[R]` before truncation (the released code's purity score)."""
         return self._statistics(rows)[1]
 
 
+def _token_major(logits: torch.Tensor) -> torch.Tensor:
+    """Logits `[B, K, N]` as a contiguous `[B, N, K]`: a view of token-major memory, else a transposed copy."""
+    return logits.transpose(1, 2).contiguous()
+
+
 def _alone(p: torch.Tensor, rate: float) -> torch.Tensor:
     """Whether a class of probability p is one that truncation keeps alone: p reaches rate (compared in float64,
     as the rule sums) and exceeds 1/2, so it is the largest class and no other ties with it."""
     return (p.double() >= rate) & (p > 0.5)
-
-
-def _columnwise(logits: torch.Tensor) -> bool:
-    """Whether to read class-major logits `[B, K, N]` a batch row at a time by index_select along N.
-
-    On CPU, with long rows and a small batch, that reads whole cache lines and runs 2-5x faster than
-    logits[b, :, n], which reads one float per line; elsewhere plain indexing is one kernel.
-    """
-    batch_size, _, num_tokens = logits.shape
-    return logits.device.type == "cpu" and num_tokens >= 64 and batch_size <= 256
 
 
 def _per_batch(rows: torch.Tensor, batch_size: int, num_tokens: int):
@@ -193,22 +192,3 @@ def _per_batch(rows: torch.Tensor, batch_size: int, num_tokens: int):
         if count:
             yield b, slice(start, start + count), token
         start += count
-
-
-def _gather_rows(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Rows `[R, K]` of class-major logits `[B, K, N]` at ascending flat token indices `rows`."""
-    batch_size, num_classes, num_tokens = logits.shape
-    if not _columnwise(logits):
-        return logits[rows // num_tokens, :, rows % num_tokens]
-    out = torch.empty(rows.shape[0], num_classes, dtype=logits.dtype)  # on CPU, as _columnwise says
-    for b, where, token in _per_batch(rows, batch_size, num_tokens):
-        out[where] = logits[b].index_select(1, token).t()
-    return out
-
-
-def _batch_chunks(x: torch.Tensor, max_elements: int = 1 << 22):
-    """Batch slices of x. On CPU each holds at most `max_elements` (16 MiB of float32): glibc reuses freed
-    blocks below its 32 MiB mmap threshold instead of mapping fresh zeroed pages, 2-3x faster per pass."""
-    per_row = x[0].numel() if x.shape[0] else 1
-    step = x.shape[0] if x.device.type != "cpu" else max(1, max_elements // per_row)
-    return [slice(i, i + step) for i in range(0, x.shape[0], step)]

@@ -102,7 +102,7 @@ class DiffusionTransformer(nn.Module):
     codebook's, K = F * S) factor the token embedding and the output head (FactoredContentEmbedding).
     """
 
-    pairs_text = True  # `guided_call` passes x and t once with 2B text rows (see forward)
+    guides = True  # `guided_call` passes x and t once, the 2B text rows and guidance_scale (see forward)
 
     def __init__(self, num_classes: int, width: int, num_layers: int, num_heads: int,
                  grid_size: tuple[int, int] = (32, 32), text_dim: int = 512, text_length: int = 77,
@@ -149,19 +149,25 @@ class DiffusionTransformer(nn.Module):
         return self.grid_size[0] * self.grid_size[1]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor | None = None,
-                text_mask: torch.Tensor | None = None, text_kv: torch.Tensor | None = None) -> torch.Tensor:
+                text_mask: torch.Tensor | None = None, text_kv: torch.Tensor | None = None,
+                guidance_scale: float | None = None) -> torch.Tensor:
         """x [B, N] token ids in [0, K] (K = [MASK]), t [B] -> float32 logits [B, K, N].
 
         The text comes either as features `text` [B, L, text_dim] or as `text_kv` [B, layers, 2, H, L, D/H]
         from `cache_text`; `text_mask` [B, L] is True at real tokens (through end-of-text). Text of 2B rows
         (conditional, then null, as `concat_cond` stacks them; classifier-free guidance) gives logits [2B, K, N]
         of the same x and t: the first self-attention, before any text is read, runs once for both halves.
+        With `guidance_scale` s it gives the guided logits [B, K, N] instead, null + s (cond - null), from one
+        head: the head is linear after its LayerNorm, so the halves mix before it (`logits`).
         """
         self.check_inputs(x, t, text, text_mask, text_kv)
         if self.training and self.text_drop_prob > 0 and text is not None:
             text, text_mask = self.drop_text(text, text_mask, self.text_drop_prob)
         attn_mask = text_mask[:, None, None, :] if self.mask_text_padding and text_mask is not None else None
         paired = (text if text is not None else text_kv).shape[0] == 2 * x.shape[0]
+        if guidance_scale is not None and not paired:
+            raise ValueError(f"guidance_scale needs the text of 2B rows (conditional, then null), got "
+                             f"{(text if text is not None else text_kv).shape[0]} for B = {x.shape[0]}")
         h = self.content_emb(x)  # [B, N, D]
         for i, block in enumerate(self.blocks):
             layer_kv = None if text_kv is None else text_kv[:, i]
@@ -172,19 +178,30 @@ class DiffusionTransformer(nn.Module):
                 h = block(h, t, text, layer_kv, attn_mask, share)
             if share:
                 t = torch.cat([t, t])
-        return self.logits(h)
+        return self.logits(h, guidance_scale)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """[B, N, D] -> [B, K, N], written class-major directly (no transpose copy of the largest tensor)."""
+    def logits(self, h: torch.Tensor, guidance_scale: float | None = None) -> torch.Tensor:
+        """[B, N, D] -> [B, K, N]; with `guidance_scale` s, h of 2B rows (conditional, then null) -> the guided
+        [B, K, N]: W (n + s (c - n)) + b = n' + s (c' - n') for the normalised rows c, n and their logits c', n'.
+
+        In training the logits are written class-major (the loss's softmax runs along K at stride 1 over N);
+        otherwise token-major, a [B, K, N] view of [B, N, K] memory, so the sampler reads each token's K classes
+        contiguously (`X0Distribution`). Neither layout costs a transpose copy of the largest tensor."""
         norm, out = self.to_logits
         h = norm(h)
-        weight = out.weight.expand(h.shape[0], -1, -1)  # [B, K, D]
-        logits = torch.baddbmm(out.bias[:, None], weight, h.transpose(1, 2)).float()
-        if self.factors is None:
-            return logits
-        # logit (i, j) = a_i + b_j: softmax over the K = F * S pairs is the product of two categoricals
-        first = self.factors[0]
-        return (logits[:, :first, None] + logits[:, None, first:]).flatten(1, 2)
+        if guidance_scale is not None:
+            cond, null = h.chunk(2)
+            h = torch.lerp(null, cond, guidance_scale)
+        if self.training:
+            weight = out.weight.expand(h.shape[0], -1, -1)  # [B, K, D]
+            logits, class_dim = torch.baddbmm(out.bias[:, None], weight, h.transpose(1, 2)).float(), 1
+        else:
+            logits, class_dim = out(h).float(), 2
+        if self.factors is not None:
+            # logit (i, j) = a_i + b_j: softmax over the K = F * S pairs is the product of two categoricals
+            first, second = logits.split(self.factors, dim=class_dim)
+            logits = (first.unsqueeze(class_dim + 1) + second.unsqueeze(class_dim)).flatten(class_dim, class_dim + 1)
+        return logits if class_dim == 1 else logits.transpose(1, 2)
 
     def cache_text(self, text: torch.Tensor, text_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Per-layer cross-attention keys and values of `text`, computed once per sampling run.
