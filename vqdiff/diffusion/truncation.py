@@ -95,59 +95,87 @@ class Workspace:
 def threshold_and_mass(values: torch.Tensor, rate: float, workspace: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
     """The threshold `[R, 1]` of contiguous float32 rows `[R, K]` and the mass every class at or above it holds
     `[R]` (float64, exact)."""
-    num_rows, num_classes = values.shape
-    # a row's classes below (1 - rate) / K hold less than 1 - rate together: its threshold lies above that
-    index, index64, last = _bucket_index(values, max((1.0 - rate) / num_classes / 2, EXACT_FLOOR), workspace)
-    mass = workspace.zero_mass((num_rows, last + BELOW_COLUMNS))
-    from_top = mass.scatter_add_(1, index64, workspace.view("float64", values.shape).copy_(values))
-    from_top = from_top.cumsum_(1)  # mass of buckets 0..j, non-decreasing
-    # [R]: the bucket holding the threshold, the count of columns below rate (a comparison pass costs 20x)
-    crossing = torch.searchsorted(from_top, from_top.new_full((num_rows, 1), rate)).squeeze(1)
-    above = torch.where(crossing > 0, from_top.gather(1, (crossing - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0.0)
-    in_range = crossing < last  # else the row crosses below the range or never reaches rate
-    # the candidates: the classes in their row's crossing bucket (none in a row out of range)
-    crossing_column = torch.where(in_range, crossing, -1).to(torch.int32).unsqueeze(1)
-    row, column = (index == crossing_column).nonzero().unbind(1)
-    threshold, kept = _within_bucket(values, row, column, above, rate)
-    if not bool(in_range.all()):
-        outside = values[~in_range]
-        threshold[~in_range] = low = sorted_threshold(outside, rate)
-        kept[~in_range] = torch.where(outside >= low, outside.double(), 0.0).sum(dim=1)
-    return threshold, kept
+    crossings = Crossings()
+    crossings.add(values, rate, workspace)
+    return crossings.resolve(rate)
+
+
+class Crossings:
+    """Blocks of rows whose thresholds are found together: `add` locates each row's crossing bucket while its block
+    is in cache and keeps the few classes in that bucket; `resolve` sorts the kept classes of every block at once
+    (one set of small operations per call instead of per block)."""
+
+    def __init__(self):
+        self.count, self.above, self.row, self.picked, self.outside = 0, [], [], [], []
+
+    def add(self, values: torch.Tensor, rate: float, workspace: Workspace) -> None:
+        """Rows `[R, K]` (contiguous float32) after those added before."""
+        num_rows, num_classes = values.shape
+        # a row's classes below (1 - rate) / K hold less than 1 - rate together: its threshold lies above that
+        index, index64, last = _bucket_index(values, max((1.0 - rate) / num_classes / 2, EXACT_FLOOR), workspace)
+        mass = workspace.zero_mass((num_rows, last + BELOW_COLUMNS))
+        from_top = mass.scatter_add_(1, index64, workspace.view("float64", values.shape).copy_(values))
+        from_top = from_top.cumsum_(1)  # mass of buckets 0..j, non-decreasing from column 0, which holds nothing
+        # [R]: the bucket holding the threshold, the count of columns below rate (a comparison pass costs 20x)
+        crossing = torch.searchsorted(from_top, from_top.new_full((num_rows, 1), rate))
+        self.above.append(from_top.gather(1, crossing - 1).squeeze(1))
+        crossing = crossing.squeeze(1)
+        in_range = crossing < last  # else the row crosses below the range or never reaches rate
+        # the candidates: the classes in their row's crossing bucket (none in a row out of range)
+        crossing_column = torch.where(in_range, crossing, -1).to(torch.int32).unsqueeze(1)
+        row, column = (index == crossing_column).nonzero().unbind(1)
+        self.row.append(row + self.count)
+        self.picked.append(values[row, column])
+        if not bool(in_range.all()):  # settled by the sort, as the reference
+            outside = (~in_range).nonzero().squeeze(1)
+            rows = values.index_select(0, outside)
+            threshold = sorted_threshold(rows, rate)
+            kept = torch.where(rows >= threshold, rows.double(), 0.0).sum(dim=1)
+            self.outside.append((outside + self.count, threshold, kept))
+        self.count += num_rows
+
+    def resolve(self, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The threshold `[R, 1]` and kept mass `[R]` of every row added, in order."""
+        threshold, kept = _within_bucket(torch.cat(self.picked), torch.cat(self.row), torch.cat(self.above),
+                                         rate)
+        for rows, low, mass in self.outside:
+            threshold[rows], kept[rows] = low, mass
+        return threshold, kept
 
 
 def _bucket_index(values: torch.Tensor, floor: float, workspace: Workspace
                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Each value's histogram column `[R, K]` (int32, and an int64 copy for scatter_add_) and the first column
-    below the range. Buckets count from the top: one per 1 / 2^BUCKET_BITS of a power of two from 1 (values above
-    1 join it) down to `floor`. Non-negative floats order as their bit patterns, so buckets order as values. The
-    classes below the floor (most of a peaked row), summed into one address, would each wait for the addition
-    before (4x the scatter's time): their low bits spread them over BELOW_COLUMNS columns from `last` on instead.
-    Every pass but the last runs on int32 (half the bytes; a mixed-dtype operation would copy its input first)."""
+    below the range. Column 0 stays empty; buckets count from column 1 at the top: one per 1 / 2^BUCKET_BITS of a
+    power of two from 1 (values above 1 join it) down to `floor`. Non-negative floats order as their bit patterns,
+    so buckets order as values. The classes below the floor (most of a peaked row), summed into one address, would
+    each wait for the addition before (4x the scatter's time): their low bits spread them over BELOW_COLUMNS
+    columns from `last` on instead. Every pass but the last runs on int32 (half the bytes; a mixed-dtype
+    operation would copy its input first)."""
     shift = 23 - BUCKET_BITS
     top, lowest = (int(torch.tensor(v, dtype=torch.float32).view(torch.int32)) >> shift for v in (1.0, floor))
-    last = top - lowest + 1
+    last = top - lowest + 2
     key = torch.bitwise_right_shift(values.view(torch.int32), shift, out=workspace.view("int32", values.shape))
-    index = torch.sub(torch.tensor(top, dtype=torch.int32, device=values.device), key.clamp_(max=top), out=key)
-    # below the range: last + (index - last) mod BELOW_COLUMNS, never more than index itself; in range: index
-    spread = torch.sub(index, last, out=workspace.view("spread", values.shape)).bitwise_and_(BELOW_COLUMNS - 1)
+    index = torch.sub(torch.tensor(top + 1, dtype=torch.int32, device=values.device), key.clamp_(max=top), out=key)
+    # below the range: last + index mod BELOW_COLUMNS, never more than index itself; in range: index
+    spread = torch.bitwise_and(index, BELOW_COLUMNS - 1, out=workspace.view("spread", values.shape))
     index = torch.minimum(index, spread.add_(last), out=index)
     return index, workspace.view("int64", values.shape).copy_(index), last
 
 
-def _within_bucket(values: torch.Tensor, row: torch.Tensor, column: torch.Tensor, above: torch.Tensor,
-                   rate: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The threshold `[R, 1]` and kept mass `[R]` among each row's candidate classes (`values[row, column]`,
-    those of its crossing bucket), given the float64 mass `above` `[R]` of the buckets above it: the candidates
-    sorted by row, then descending."""
-    picked = values[row, column]
+def _within_bucket(picked: torch.Tensor, row: torch.Tensor, above: torch.Tensor, rate: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The threshold `[R, 1]` and kept mass `[R]` among each row's candidate classes (values `picked` of rows
+    `row`, those of its crossing bucket), given the float64 mass `above` `[R]` of the buckets above it: the
+    candidates sorted by row, then descending."""
+    num_rows = above.shape[0]
     # rows ascending, then values descending: the bit patterns of non-negative floats order as the values
     order = ((row << 31) | (0x7FFFFFFF - picked.view(torch.int32).long())).argsort()
     row, picked = row.index_select(0, order), picked.index_select(0, order)
-    counts = torch.bincount(row, minlength=values.shape[0])
-    width = max(int(counts.max()), 1)
+    counts = torch.bincount(row, minlength=num_rows)
+    width = max(int(counts.max()), 1) if num_rows else 1
     position = torch.arange(row.shape[0], device=row.device) - (counts.cumsum(0) - counts).index_select(0, row)
-    padded = torch.zeros(values.shape[0], width, dtype=torch.float64, device=values.device)
+    padded = torch.zeros(num_rows, width, dtype=torch.float64, device=above.device)
     padded[row, position] = picked.double()
     before = (padded.cumsum(1).add_(above.unsqueeze(1)) < rate).sum(dim=1, keepdim=True)
     threshold = padded.gather(1, before.clamp_(max=width - 1))

@@ -4,7 +4,7 @@ tempered, truncated distribution of VQ-Diffusion's samplers (`discrete_sampling`
 import torch
 
 from .losses import shifted_exp, stable_softmax
-from .truncation import Workspace, keep_at_or_above, threshold_and_mass, truncate
+from .truncation import Crossings, Workspace, keep_at_or_above, truncate
 
 DENSE_SHARE = 0.5  # on CPU, truncate every token at once when a step asks for at least this share of them
 
@@ -137,15 +137,16 @@ class X0Distribution:
 
     def _truncation_table(self):
         """Every token's p(x0 | x_t), a table `[N, K]` per batch row, with its truncation threshold and kept
-        mass `[B, N]`: a cache-sized block of tokens at a time is scaled, normalised and selected while in cache,
-        instead of a pass over all tokens per operation."""
+        mass `[B, N]`: a cache-sized block of tokens at a time is scaled, normalised and its crossing buckets found
+        while in cache, instead of a pass over all tokens per operation; the crossings resolve together."""
         batch_size, num_classes, num_tokens = self.shape
         rate = self.truncation_rate
         workspace = Workspace(num_classes, num_tokens, self.cond.device)
         # one [N, K] table per batch row: below glibc's mmap threshold, so the last step's memory is reused
         probs = [torch.empty(num_tokens, num_classes) for _ in range(batch_size)]
-        threshold = torch.empty(batch_size, num_tokens)
-        kept = torch.empty(batch_size, num_tokens, dtype=torch.float64)
+        threshold = torch.empty(batch_size * num_tokens)
+        kept = torch.empty(batch_size * num_tokens, dtype=torch.float64)
+        crossings, crossing_rows = Crossings(), []
         for b in range(batch_size):
             for start in range(0, num_tokens, workspace.rows):
                 tokens = slice(start, start + workspace.rows)
@@ -153,13 +154,18 @@ class X0Distribution:
                 block = self._scaled(self.cond[b, tokens], null, out=probs[b][tokens])
                 exps, _ = shifted_exp(block, dim=1, inplace=True)
                 block.div_(exps.sum(dim=1, keepdim=True))
+                rows = slice(b * num_tokens + start, b * num_tokens + start + block.shape[0])
                 top = block.amax(dim=1)
                 if bool(_alone(top, rate).all()):  # each token's largest class alone reaches rate
-                    threshold[b, tokens], kept[b, tokens] = top, top
+                    threshold[rows], kept[rows] = top, top
                 else:
-                    low, mass = threshold_and_mass(block, rate, workspace)
-                    threshold[b, tokens], kept[b, tokens] = low.squeeze(1), mass
-        return probs, threshold, kept
+                    crossings.add(block, rate, workspace)
+                    crossing_rows.append(torch.arange(rows.start, rows.stop))
+        if crossing_rows:
+            rows = torch.cat(crossing_rows)
+            low, mass = crossings.resolve(rate)
+            threshold[rows], kept[rows] = low.squeeze(1), mass
+        return probs, threshold.view(batch_size, num_tokens), kept.view(batch_size, num_tokens)
 
     def _pieces(self, count: int) -> list[slice]:
         """Consecutive slices of `count` rows taking at most 16 MiB of float32 each on CPU (bounded temporaries:
