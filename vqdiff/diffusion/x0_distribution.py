@@ -3,8 +3,8 @@ tempered, truncated distribution of VQ-Diffusion's samplers (`discrete_sampling`
 
 import torch
 
-from .losses import shifted_exp, stable_softmax
-from .truncation import Crossings, Workspace, keep_at_or_above, truncate
+from .losses import shifted_exp
+from .truncation import Crossings, Workspace, keep_at_or_above
 
 DENSE_SHARE = 0.5  # on CPU, truncate every token at once when a step asks for at least this share of them
 
@@ -29,13 +29,13 @@ class X0Distribution:
     probability (purity), and whole rows for the tokens that are drawn or that truncation cannot settle from
     p(x0 = x_t) alone. The logits are read token-major, each token's K classes contiguous: a view of
     DiffusionTransformer's inference logits, a transposed copy of class-major ones. On CPU, once truncation asks
-    for at least DENSE_SHARE of the tokens, every token is truncated in one cache-sized pass (`_truncation_table`).
+    for at least DENSE_SHARE of the tokens, every token is truncated at once (`_dense`).
     """
 
     def __init__(self, cond_logits: torch.Tensor, null_logits: torch.Tensor | None, guidance_scale: float,
                  temperature: float, truncation_rate: float):
         self.shape = cond_logits.shape
-        self.cond = _token_major(cond_logits)  # [B, N, K], contiguous
+        self.cond = _token_major(cond_logits)  # [B, N, K], contiguous float32
         self.null = None if null_logits is None else _token_major(null_logits)
         self.guidance_scale, self.inverse_temperature = guidance_scale, 1.0 / temperature
         self.truncation_rate = truncation_rate
@@ -43,11 +43,11 @@ class X0Distribution:
 
     def _scaled(self, cond: torch.Tensor, null: torch.Tensor | None, out: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        """Guided, tempered float32 logits of matching pieces of cond and null, written into `out` (which may be
-        cond itself; a new tensor if None)."""
+        """Guided, tempered logits of matching pieces of cond and null, written into `out` (which may be cond
+        itself; a new tensor if None)."""
         out = torch.empty(cond.shape, device=cond.device) if out is None else out
         if null is not None:
-            torch.lerp(null.float(), cond.float(), self.guidance_scale, out=out)
+            torch.lerp(null, cond, self.guidance_scale, out=out)
         else:
             out.copy_(cond)
         return out if self.inverse_temperature == 1.0 else out.mul_(self.inverse_temperature)
@@ -56,12 +56,15 @@ class X0Distribution:
         """The guided, tempered logits `[B, K, N]` of every token (float32, before truncation; token-major, new)."""
         return self._scaled(self.cond, self.null).transpose(1, 2)
 
-    def _scaled_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Guided, tempered logits `[R, K]` (new) at flat token indices `rows` (b * N + n)."""
-        num_classes = self.shape[1]
-        cond = self.cond.view(-1, num_classes).index_select(0, rows)
-        null = None if self.null is None else self.null.view(-1, num_classes).index_select(0, rows)
-        return self._scaled(cond, null, out=cond if cond.dtype == torch.float32 else None)
+    def _scaled_rows(self, rows: torch.Tensor | slice, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Guided, tempered logits `[R, K]` at flat token indices `rows` (b * N + n; a tensor or a slice), written
+        into `out` (a new tensor if None)."""
+        cond = self.cond.view(-1, self.shape[1])
+        null = None if self.null is None else self.null.view(-1, self.shape[1])
+        if isinstance(rows, slice):
+            return self._scaled(cond[rows], None if null is None else null[rows], out)
+        out = cond.index_select(0, rows) if out is None else torch.index_select(cond, 0, rows, out=out)
+        return self._scaled(out, None if null is None else null.index_select(0, rows), out)
 
     def _statistics(self, rows: torch.Tensor):
         """Log-normaliser and largest probability `[R]` at flat token indices `rows`: from those rows when they
@@ -70,21 +73,52 @@ class X0Distribution:
         every = 4 * rows.shape[0] >= 3 * num_rows
         count = num_rows if every else rows.shape[0]
         normalizer, purity = torch.empty(count, device=rows.device), torch.empty(count, device=rows.device)
-        for piece in self._pieces(normalizer.shape[0]):
-            if every:
-                null = None if self.null is None else self.null.view(-1, self.shape[1])[piece]
-                logits = self._scaled(self.cond.view(-1, self.shape[1])[piece], null)
-            else:
-                logits = self._scaled_rows(rows[piece])
-            exps, top = shifted_exp(logits, dim=1, inplace=True)
+        for piece in self._pieces(count):
+            exps, top = shifted_exp(self._scaled_rows(piece if every else rows[piece]), dim=1, inplace=True)
             total = exps.sum(dim=1)  # the largest class has exp(0) = 1
             normalizer[piece], purity[piece] = top.squeeze(1) + total.log(), total.reciprocal()
         return (normalizer[rows], purity[rows]) if every else (normalizer, purity)
 
+    def _distribution(self, rows: torch.Tensor | slice):
+        """p(x0 | x_t) `[R, K]` at flat token indices `rows` (a tensor or a slice), before truncation, with each
+        row's truncation threshold `[R]` and kept mass `[R]` (float64; both None without truncation). A cache-sized
+        block of rows at a time is gathered, scaled, normalised and its crossing bucket found while in cache,
+        instead of a pass over all rows per operation; the crossings resolve together."""
+        count = rows.stop - rows.start if isinstance(rows, slice) else rows.shape[0]
+        device, rate = self.cond.device, self.truncation_rate
+        probs = torch.empty(count, self.shape[1], device=device)
+        workspace = Workspace(self.shape[1], count, device)
+        threshold, kept = torch.empty(count, device=device), torch.empty(count, dtype=torch.float64, device=device)
+        crossings, crossing_rows = Crossings(), []
+        for start in range(0, count, workspace.rows):
+            part = slice(start, min(start + workspace.rows, count))
+            where = slice(rows.start + part.start, rows.start + part.stop) if isinstance(rows, slice) else rows[part]
+            block = self._scaled_rows(where, out=probs[part])
+            exps, _ = shifted_exp(block, dim=1, inplace=True)
+            top = exps.sum(dim=1, keepdim=True).reciprocal_()  # the largest class's exp is 1: its probability
+            block.mul_(top)
+            if rate >= 1.0:
+                continue
+            top = top.squeeze(1)
+            if bool(_alone(top, rate).all()):  # each token's largest class alone reaches rate
+                threshold[part], kept[part] = top, top
+            else:
+                crossings.add(block, rate, workspace)
+                crossing_rows.append(torch.arange(part.start, part.stop, device=device))
+        if rate >= 1.0:
+            return probs, None, None
+        if crossing_rows:
+            where = torch.cat(crossing_rows)
+            low, mass = crossings.resolve(rate)
+            threshold[where], kept[where] = low.squeeze(1), mass
+        return probs, threshold, kept
+
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Probabilities `[R, K]` at flat token indices `rows`."""
-        probs, _ = stable_softmax(self._scaled_rows(rows), dim=1, inplace=True)
-        return truncate(probs, self.truncation_rate)
+        """Probabilities `[R, K]` at flat token indices `rows`, truncated and renormalised."""
+        probs, threshold, kept = self._distribution(rows)
+        if threshold is None:
+            return probs
+        return keep_at_or_above(probs, threshold.unsqueeze(1)).mul_(kept.reciprocal().float().unsqueeze(1))
 
     def prob_at(self, rows: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """p(x0 = classes | x_t) `[R]` at ascending flat token indices `rows`."""
@@ -93,7 +127,7 @@ class X0Distribution:
             p = torch.empty(rows.shape[0])
             for b, where, token in _per_batch(rows, len(probs), self.shape[2]):
                 p[where] = probs[b][token, classes[where]]
-            return torch.where(p >= threshold.view(-1)[rows], p / kept.view(-1)[rows], 0.0).float()
+            return _truncated(p, threshold.view(-1)[rows], kept.view(-1)[rows])
         flat = rows * self.shape[1] + classes
         null = None if self.null is None else self.null.view(-1)[flat]
         p = torch.exp(self._scaled(self.cond.view(-1)[flat], null) - self._statistics(rows)[0])
@@ -106,7 +140,8 @@ class X0Distribution:
         unsettled = (~alone).nonzero().squeeze(1)
         for piece in self._pieces(unsettled.shape[0]):
             block = unsettled[piece]
-            p[block] = self.rows(rows[block]).gather(1, classes[block].unsqueeze(1)).squeeze(1)
+            probs, threshold, kept = self._distribution(rows[block])
+            p[block] = _truncated(probs.gather(1, classes[block].unsqueeze(1)).squeeze(1), threshold, kept)
         return p
 
     def draw(self, rows: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -114,7 +149,12 @@ class X0Distribution:
         drawn = torch.empty_like(rows)
         dense = self._dense(rows)
         for piece in self._pieces(rows.shape[0]):
-            weights = self._table_rows(rows[piece]) if dense else self.rows(rows[piece])
+            if dense:
+                weights = self._table_rows(rows[piece])
+            else:  # zero below the threshold, not renormalised: sample_rows divides by the total
+                weights, threshold, _ = self._distribution(rows[piece])
+                if threshold is not None:
+                    keep_at_or_above(weights, threshold.unsqueeze(1))
             drawn[piece] = sample_rows(weights, generator)
         return drawn
 
@@ -128,44 +168,16 @@ class X0Distribution:
         return keep_at_or_above(weights, threshold.view(-1)[rows].unsqueeze(1))
 
     def _dense(self, rows: torch.Tensor) -> bool:
-        """Whether to read truncated rows from the table of every token, building it if `rows` are enough."""
+        """Whether to read truncated rows from the table of every token, building it if `rows` are enough: one
+        `_distribution` per batch row, `[N, K]` each (below glibc's mmap threshold, so the last step's memory is
+        reused)."""
         batch_size, _, num_tokens = self.shape
         if (self._table is None and self.truncation_rate < 1.0 and self.cond.device.type == "cpu"
                 and rows.shape[0] >= DENSE_SHARE * batch_size * num_tokens):
-            self._table = self._truncation_table()
+            rows = [self._distribution(slice(b * num_tokens, (b + 1) * num_tokens)) for b in range(batch_size)]
+            probs, threshold, kept = zip(*rows)
+            self._table = list(probs), torch.stack(threshold), torch.stack(kept)
         return self._table is not None
-
-    def _truncation_table(self):
-        """Every token's p(x0 | x_t), a table `[N, K]` per batch row, with its truncation threshold and kept
-        mass `[B, N]`: a cache-sized block of tokens at a time is scaled, normalised and its crossing buckets found
-        while in cache, instead of a pass over all tokens per operation; the crossings resolve together."""
-        batch_size, num_classes, num_tokens = self.shape
-        rate = self.truncation_rate
-        workspace = Workspace(num_classes, num_tokens, self.cond.device)
-        # one [N, K] table per batch row: below glibc's mmap threshold, so the last step's memory is reused
-        probs = [torch.empty(num_tokens, num_classes) for _ in range(batch_size)]
-        threshold = torch.empty(batch_size * num_tokens)
-        kept = torch.empty(batch_size * num_tokens, dtype=torch.float64)
-        crossings, crossing_rows = Crossings(), []
-        for b in range(batch_size):
-            for start in range(0, num_tokens, workspace.rows):
-                tokens = slice(start, start + workspace.rows)
-                null = None if self.null is None else self.null[b, tokens]
-                block = self._scaled(self.cond[b, tokens], null, out=probs[b][tokens])
-                exps, _ = shifted_exp(block, dim=1, inplace=True)
-                block.div_(exps.sum(dim=1, keepdim=True))
-                rows = slice(b * num_tokens + start, b * num_tokens + start + block.shape[0])
-                top = block.amax(dim=1)
-                if bool(_alone(top, rate).all()):  # each token's largest class alone reaches rate
-                    threshold[rows], kept[rows] = top, top
-                else:
-                    crossings.add(block, rate, workspace)
-                    crossing_rows.append(torch.arange(rows.start, rows.stop))
-        if crossing_rows:
-            rows = torch.cat(crossing_rows)
-            low, mass = crossings.resolve(rate)
-            threshold[rows], kept[rows] = low.squeeze(1), mass
-        return probs, threshold.view(batch_size, num_tokens), kept.view(batch_size, num_tokens)
 
     def _pieces(self, count: int) -> list[slice]:
         """Consecutive slices of `count` rows taking at most 16 MiB of float32 each on CPU (bounded temporaries:
@@ -180,8 +192,13 @@ class X0Distribution:
 
 
 def _token_major(logits: torch.Tensor) -> torch.Tensor:
-    """Logits `[B, K, N]` as a contiguous `[B, N, K]`: a view of token-major memory, else a transposed copy."""
-    return logits.transpose(1, 2).contiguous()
+    """Logits `[B, K, N]` as a contiguous float32 `[B, N, K]`: a view of token-major float32 memory, else a copy."""
+    return logits.transpose(1, 2).float().contiguous()
+
+
+def _truncated(p: torch.Tensor, threshold: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Truncated, renormalised probabilities from untruncated ones `p`, their rows' thresholds and kept masses."""
+    return torch.where(p >= threshold, p / kept, 0.0).float()
 
 
 def _alone(p: torch.Tensor, rate: float) -> torch.Tensor:
