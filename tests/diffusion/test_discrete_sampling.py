@@ -9,7 +9,7 @@ import torch
 
 from vqdiff.diffusion.discrete import MaskAndReplaceDiffusion
 from vqdiff.diffusion.discrete_sampling import SamplingOptions, SamplingStrategy, sampling_timesteps
-from vqdiff.diffusion.truncation import truncate
+from vqdiff.diffusion.truncation import sorted_threshold, truncate
 from vqdiff.diffusion.x0_distribution import DENSE_SHARE, X0Distribution, sample_rows
 from vqdiff.diffusion.guidance import guide_log_probs
 
@@ -227,6 +227,26 @@ def test_draws_from_the_table_follow_the_truncated_rows(guidance_scale):
     frequencies = counts / counts.sum(1, keepdim=True)
     assert torch.equal(frequencies > 0, expected > 0)  # exactly the kept classes drawn
     assert (frequencies - expected).abs().max() < 4 * math.sqrt(0.25 / (79 * N))
+
+
+def test_table_of_several_blocks_per_batch_row_equals_the_sorted_reference():
+    """K as the COCO codebook, so a block holds 90 tokens: blocks of sure tokens (settled by their largest class),
+    of flat ones (resolved by the crossings of every block at once) and of both, in two batch rows."""
+    K, B, N, rate = 2887, 2, 200, 0.86
+    generator = torch.Generator().manual_seed(11)
+    scale = torch.cat([torch.full((90,), 40.0), torch.full((90,), 0.3), torch.linspace(0.3, 40.0, 20)])
+    cond = torch.randn(B, K, N, generator=generator) * scale
+    x0_dist = X0Distribution(cond, None, 1.0, 1.0, rate)
+    rows = torch.arange(B * N)
+    classes = torch.randint(K, (B * N,), generator=generator)
+    classes[::2] = cond.argmax(1).flatten()[::2]
+    got = x0_dist.prob_at(rows, classes)
+    assert x0_dist._table is not None
+    probs = cond.transpose(1, 2).reshape(-1, K).softmax(1)
+    keep = probs >= sorted_threshold(probs, rate)
+    expected = (probs * keep / (probs * keep).sum(1, keepdim=True)).gather(1, classes.unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    assert torch.equal(x0_dist._table_rows(rows) > 0, keep)
 
 
 def test_class_major_and_token_major_logits_give_the_same_distribution():

@@ -71,7 +71,7 @@ def dense_ancestral_step(diffusion, x0_dist: X0Distribution, xt: torch.Tensor, t
     nonzero() calls would wait and then issue ~50 small kernels to an idle GPU."""
     K = diffusion.num_classes
     masked = xt == K
-    exps, _ = shifted_exp(x0_dist.scaled(), dim=1, inplace=True)  # [B, K, N], largest class 1
+    exps, _ = shifted_exp(x0_dist.scaled(), dim=1)  # [B, K, N], largest class 1
     at_xt = exps.gather(1, xt.masked_fill(masked, 0).unsqueeze(1)).squeeze(1)
     cdf = exps.cumsum_(dim=1)
     total = cdf[:, -1]  # [B, N]

@@ -53,7 +53,10 @@ class X0Distribution:
         return out if self.inverse_temperature == 1.0 else out.mul_(self.inverse_temperature)
 
     def scaled(self) -> torch.Tensor:
-        """The guided, tempered logits `[B, K, N]` of every token (float32, before truncation; token-major, new)."""
+        """The guided, tempered logits `[B, K, N]` of every token (float32, before truncation; token-major; the
+        logits themselves when there is nothing to do, so not to be written)."""
+        if self.null is None and self.inverse_temperature == 1.0:
+            return self.cond.transpose(1, 2)
         return self._scaled(self.cond, self.null).transpose(1, 2)
 
     def _scaled_rows(self, rows: torch.Tensor | slice, out: torch.Tensor | None = None) -> torch.Tensor:
