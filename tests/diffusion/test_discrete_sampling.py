@@ -250,16 +250,28 @@ def test_table_of_several_blocks_per_batch_row_equals_the_sorted_reference():
 
 
 def test_class_major_and_token_major_logits_give_the_same_distribution():
-    """The sampler reads logits of either memory layout (DiffusionTransformer's inference logits are a [B, K, N]
-    view of [B, N, K] memory) and finds the same values."""
+    """The sampler reads logits of any memory layout (DiffusionTransformer's inference logits are a [B, K, N]
+    view of [B, N, K'] memory, rows padded to K' >= K) and finds the same values; token-major ones are not copied."""
     generator = torch.Generator().manual_seed(10)
     cond, null = (3 * torch.randn(3, 100, 7, generator=generator) for _ in range(2))
-    token_major = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (cond, null)]
+
+    def padded(x):
+        memory = torch.zeros(3, 7, 112)
+        memory[..., :100] = x.transpose(1, 2)
+        return memory[..., :100].transpose(1, 2)
+
+    layouts = [(cond, null), *[tuple(f(x) for x in (cond, null)) for f in (
+        lambda x: x.transpose(1, 2).contiguous().transpose(1, 2), padded)]]
     rows, classes = torch.tensor([0, 4, 5, 20]), torch.tensor([3, 0, 99, 50])
-    dists = [X0Distribution(c, n, 2.0, 0.9, 0.8) for c, n in ((cond, null), token_major)]
-    for method, args in (("rows", (rows,)), ("prob_at", (rows, classes)), ("purity", (rows,)), ("scaled", ())):
-        assert torch.equal(getattr(dists[0], method)(*args), getattr(dists[1], method)(*args))
-    assert dists[1].cond.data_ptr() == token_major[0].data_ptr()  # a view, no copy
+    dists = [X0Distribution(c, n, 2.0, 0.9, 0.8) for c, n in layouts]
+    for method, args in (("rows", lambda: (rows,)), ("prob_at", lambda: (rows, classes)), ("scaled", tuple),
+                         ("purity", lambda: (rows,)), ("draw", lambda: (rows, torch.Generator().manual_seed(1)))):
+        expected = getattr(dists[0], method)(*args())
+        for dist in dists[1:]:
+            assert torch.equal(getattr(dist, method)(*args()), expected), method
+    for dist, (c, _) in zip(dists[1:], layouts[1:]):
+        assert dist.cond.data_ptr() == c.data_ptr()  # a view, no copy
+    assert torch.equal(X0Distribution(layouts[2][0], None, 1.0, 1.0, 0.8).scaled(), cond)
 
 
 class CountingModel:

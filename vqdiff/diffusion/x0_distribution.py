@@ -35,8 +35,8 @@ class X0Distribution:
     def __init__(self, cond_logits: torch.Tensor, null_logits: torch.Tensor | None, guidance_scale: float,
                  temperature: float, truncation_rate: float):
         self.shape = cond_logits.shape
-        self.cond = _token_major(cond_logits)  # [B, N, K], contiguous float32
-        self.null = None if null_logits is None else _token_major(null_logits)
+        self.cond = _token_rows(cond_logits)  # [B * N, K] float32, each row contiguous
+        self.null = None if null_logits is None else _token_rows(null_logits)
         self.guidance_scale, self.inverse_temperature = guidance_scale, 1.0 / temperature
         self.truncation_rate = truncation_rate
         self._table = None  # (probabilities per batch row [N, K], threshold [B, N], kept mass [B, N]), once built
@@ -55,15 +55,14 @@ class X0Distribution:
     def scaled(self) -> torch.Tensor:
         """The guided, tempered logits `[B, K, N]` of every token (float32, before truncation; token-major; the
         logits themselves when there is nothing to do, so not to be written)."""
-        if self.null is None and self.inverse_temperature == 1.0:
-            return self.cond.transpose(1, 2)
-        return self._scaled(self.cond, self.null).transpose(1, 2)
+        logits = self.cond if self.null is None and self.inverse_temperature == 1.0 else self._scaled(self.cond,
+                                                                                                     self.null)
+        return logits.unflatten(0, (self.shape[0], self.shape[2])).transpose(1, 2)
 
     def _scaled_rows(self, rows: torch.Tensor | slice, out: torch.Tensor | None = None) -> torch.Tensor:
         """Guided, tempered logits `[R, K]` at flat token indices `rows` (b * N + n; a tensor or a slice), written
         into `out` (a new tensor if None)."""
-        cond = self.cond.view(-1, self.shape[1])
-        null = None if self.null is None else self.null.view(-1, self.shape[1])
+        cond, null = self.cond, self.null
         if isinstance(rows, slice):
             return self._scaled(cond[rows], None if null is None else null[rows], out)
         out = cond.index_select(0, rows) if out is None else torch.index_select(cond, 0, rows, out=out)
@@ -131,9 +130,8 @@ class X0Distribution:
             for b, where, token in _per_batch(rows, len(probs), self.shape[2]):
                 p[where] = probs[b][token, classes[where]]
             return _truncated(p, threshold.view(-1)[rows], kept.view(-1)[rows])
-        flat = rows * self.shape[1] + classes
-        null = None if self.null is None else self.null.view(-1)[flat]
-        p = torch.exp(self._scaled(self.cond.view(-1)[flat], null) - self._statistics(rows)[0])
+        null = None if self.null is None else self.null[rows, classes]
+        p = torch.exp(self._scaled(self.cond[rows, classes], null) - self._statistics(rows)[0])
         if self.truncation_rate >= 1.0:
             return p
         # truncation keeps a class alone that reaches rate and holds more than 1/2; other rows need their full
@@ -194,9 +192,13 @@ class X0Distribution:
         return self._statistics(rows)[1]
 
 
-def _token_major(logits: torch.Tensor) -> torch.Tensor:
-    """Logits `[B, K, N]` as a contiguous float32 `[B, N, K]`: a view of token-major float32 memory, else a copy."""
-    return logits.transpose(1, 2).float().contiguous()
+def _token_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Logits `[B, K, N]` as float32 rows `[B * N, K]`, each contiguous: a view of token-major float32 memory
+    (rows may be padded, as DiffusionTransformer's are), else a copy."""
+    rows = logits.transpose(1, 2).float()
+    if rows.stride(2) != 1 or rows.stride(0) != rows.shape[1] * rows.stride(1):
+        rows = rows.contiguous()
+    return rows.reshape(-1, rows.shape[2])
 
 
 def _truncated(p: torch.Tensor, threshold: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

