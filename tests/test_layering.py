@@ -1,6 +1,6 @@
 """DESIGN.md's layers, each importing only from the layers below it (function-level imports count):
 
-    errors -> validation -> options -> config -> data / models / diffusion, images -> io -> build -> pipeline
+    runtime -> errors -> validation -> options -> config -> data / models / diffusion, images -> io -> build -> pipeline
     -> train / eval / interop / serve -> cli
 
 diffusion/, models/ and data/ never import each other; inference (pipeline/) never imports train/; no two parts
@@ -16,12 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "vqdiff"
 MAX_LINES = 400
 
-BOTTOM = {"config", "options", "validation", "errors"}
+BOTTOM = {"config", "options", "validation", "errors", "runtime"}
 LEAVES = {"data", "models", "diffusion", "images"}
 # each part of vqdiff (a subpackage or a top-level module) and the parts it may import
 ALLOWED = {
     "__init__": set(),
-    "errors": set(),
+    "runtime": set(),
+    "errors": {"runtime"},
     "validation": {"errors"},
     "options": set(),
     "config": {"options", "validation", "errors"},

@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Callable
 
+from .runtime import keep_freed_memory
+
 log = logging.getLogger("vqdiff")
 
 USER_ERROR_EXIT = 2
@@ -49,6 +51,7 @@ def run_main(function: Callable[[list[str]], object], argv: "list[str] | None" =
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("VQDIFF_DEBUG", "") not in ("", "0")
     argv = [arg for arg in argv if arg != "--debug"]
+    keep_freed_memory()  # every command and script: freed tensors' memory is reused, not faulted in again
     try:
         function(argv)
     except Exception as error:
