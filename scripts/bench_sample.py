@@ -29,7 +29,7 @@ from vqdiff.diffusion.discrete import MaskAndReplaceDiffusion
 from vqdiff.diffusion.discrete_sampling import sampling_timesteps
 from vqdiff.errors import script_main
 from vqdiff.eval.bench import peak_memory_bytes, seconds_per_call
-from vqdiff.eval.side_by_side import MARKDOWN_HEADER, DiffusersLoop, markdown_rows, side_by_side
+from vqdiff.eval.side_by_side import MARKDOWN_HEADER, DiffusersLoop, calls, markdown_rows, side_by_side
 from vqdiff.models.transformer import TRANSFORMER_PRESETS, DiffusionTransformer
 
 CONFIGS = {  # layers, width, heads, grid side, K (without [MASK]), default batch
@@ -70,7 +70,7 @@ def bench(label: str, setup, steps: int, runs: list[int], device, dtype: str, co
         run(truncation_rate=0.86, guidance_scale=3.0, null_cond=null)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        net = seconds_per_call(lambda: [model(x, t, **cond) for _ in range(steps)], 1, device, warmup=0) / steps
+        net = seconds_per_call(lambda: calls(lambda: model(x, t, **cond), steps), 1, device, warmup=0) / steps
         step = seconds_per_call(run, 1, device, warmup=0) / steps
         math = seconds_per_call(lambda: run(network=no_network), 1, device, warmup=0) / steps
         truncated = seconds_per_call(lambda: run(truncation_rate=0.86), 1, device, warmup=0) / steps

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from vqdiff.models import layers
 from vqdiff.models.layers import Activation, AdaLayerNorm, Attention, TimeEmbedding, attention, mlp
 
 
@@ -133,3 +134,21 @@ def test_mlp_layout_and_activation(activation):
     else:
         h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
     torch.testing.assert_close(net(x), h @ net[2].weight.T + net[2].bias, rtol=1e-12, atol=1e-12)
+
+
+def test_mlp_runs_long_inputs_in_pieces_outside_training(monkeypatch):
+    """Outside training on CPU, rows beyond MLP_CHUNK_ELEMENTS of hidden activations go through in pieces (each
+    under glibc's mmap threshold): the same values, in training one piece."""
+    monkeypatch.setattr(layers, "MLP_CHUNK_ELEMENTS", 24 * 4)  # 4 rows of the 24-wide hidden layer per piece
+    torch.manual_seed(0)
+    net = mlp(6, ratio=4).double()
+    x = torch.randn(2, 5, 6, dtype=torch.float64)  # 10 rows: pieces of 4, 4, 2
+    pieces = []
+    net[0].register_forward_hook(lambda m, args, out: pieces.append(args[0].shape[0]))
+    expected = torch.nn.Sequential.forward(net, x)
+    pieces.clear()
+    torch.testing.assert_close(net.eval()(x), expected, rtol=0, atol=1e-14)
+    assert pieces == [4, 4, 2]
+    pieces.clear()
+    net.train()(x)
+    assert pieces == [2]  # the whole [2, 5, 6] input at once

@@ -74,10 +74,16 @@ class DiffusersLoop:
         return sample
 
 
+def calls(fn: Callable, times: int) -> None:
+    """Call fn() `times` times, each output dropped before the next call (as a sampling loop drops its logits)."""
+    for _ in range(times):
+        fn()
+
+
 def step_measurements(sample: Callable, network: Callable, steps: int) -> dict[str, Callable]:
     """The four timed runs of one side: the network alone (`steps` calls), and sampling runs of `steps` steps
     plain, truncated, and guided and truncated; `sample(**options)` runs one, `network()` makes one call."""
-    return {"network": lambda: [network() for _ in range(steps)],
+    return {"network": lambda: calls(network, steps),
             "step": lambda: sample(),
             "truncated": lambda: sample(truncation_rate=TRUNCATION_RATE),
             "guided": lambda: sample(truncation_rate=TRUNCATION_RATE, guidance_scale=GUIDANCE_SCALE)}
