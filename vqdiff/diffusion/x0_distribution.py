@@ -55,8 +55,8 @@ class X0Distribution:
     def scaled(self) -> torch.Tensor:
         """The guided, tempered logits `[B, K, N]` of every token (float32, before truncation; token-major; the
         logits themselves when there is nothing to do, so not to be written)."""
-        logits = self.cond if self.null is None and self.inverse_temperature == 1.0 else self._scaled(self.cond,
-                                                                                                     self.null)
+        nothing_to_do = self.null is None and self.inverse_temperature == 1.0
+        logits = self.cond if nothing_to_do else self._scaled(self.cond, self.null)
         return logits.unflatten(0, (self.shape[0], self.shape[2])).transpose(1, 2)
 
     def _scaled_rows(self, rows: torch.Tensor | slice, out: torch.Tensor | None = None) -> torch.Tensor:
