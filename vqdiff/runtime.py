@@ -15,10 +15,11 @@ def keep_freed_memory() -> bool:
 
     PyTorch's CPU tensors come straight from malloc. By default glibc maps blocks above a threshold that moves
     with use (128 KiB at first) afresh and trims the heap whenever 2x that is free at its top, so a network's
-    activations come back as fresh pages every call, each first touch a page fault: 45,000 per sampling step at
-    the small config on 2 cores, about 10% of the step and much of its run-to-run noise. Fixed thresholds (blocks
-    up to 32 MiB from the heap, trimmed only above 1 GiB free) make that 0. Returns whether it applied: glibc
-    only, and not where the user set MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ themselves."""
+    activations come back as fresh pages every call, each first touch a page fault: 5,000-54,000 per sampling
+    step at the small config on 2 cores, and much of its run-to-run noise. Fixed thresholds (blocks up to 32 MiB
+    from the heap, trimmed only above 1 GiB free) make that 0-3,500 (larger blocks are still mapped afresh).
+    Returns whether it applied: glibc only, and not where the user set MALLOC_MMAP_THRESHOLD_ or
+    MALLOC_TRIM_THRESHOLD_ themselves."""
     if not sys.platform.startswith("linux") or any(
             key in os.environ for key in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
         return False

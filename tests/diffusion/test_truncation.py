@@ -5,7 +5,7 @@ whose running sum reaches the rate)."""
 import pytest
 import torch
 
-from vqdiff.diffusion.truncation import Workspace, sorted_threshold, threshold_and_mass, truncate, truncation_threshold
+from vqdiff.diffusion.truncation import Crossings, Workspace, sorted_threshold, truncate, truncation_threshold
 
 K = 2887  # the COCO codebook
 RATES = [1e-6, 0.3, 0.86, 0.99, 1 - 1e-7]
@@ -115,8 +115,8 @@ def test_rows_that_never_reach_the_rate_keep_everything():
 
 @pytest.mark.parametrize("form", ["float32", "column-major", "bfloat16"])
 def test_truncate_renormalises_the_kept_classes(form):
-    """float32 rows are selected and masked a block at a time (300 rows of K: several blocks); other inputs
-    through the threshold of every row at once."""
+    """float32, column-major and bfloat16 rows (300 rows of K: several selection blocks), masked and
+    renormalised in place."""
     probs = softmax_rows([0.3, 2.0, 8.0], seed=4)
     if form == "column-major":
         probs = probs.t().contiguous().t()
@@ -138,7 +138,9 @@ def test_threshold_and_kept_mass_of_a_block(rate, layout):
     and the mass of every class at or above it, in float64."""
     probs = softmax_rows([0.3, 2.0, 30.0], seed=8)[::4]  # 75 rows: one CPU block
     block = probs if layout == "row-major" else probs.t().contiguous().t()
-    threshold, kept = threshold_and_mass(block, rate, Workspace(K, block.shape[0], block.device))
+    crossings = Crossings()
+    crossings.add(block, rate, Workspace(K, block.shape[0], block.device))
+    threshold, kept = crossings.resolve(rate)
     assert torch.equal(threshold, sorted_threshold(probs, rate))
     expected = torch.where(probs >= threshold, probs.double(), 0.0).sum(1)
     torch.testing.assert_close(kept, expected, rtol=0, atol=1e-15)

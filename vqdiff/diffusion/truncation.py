@@ -25,18 +25,12 @@ EXACT_FLOOR = 2.0**-29  # float32 values from here up are multiples of 2^-52: th
 
 def truncate(probs: torch.Tensor, rate: float) -> torch.Tensor:
     """Keep, per row of `[R, K]` probabilities, the smallest set of classes holding `rate` of the mass
-    (classes tied with the smallest kept one stay too) and renormalise, in place."""
+    (classes tied with the smallest kept one stay too) and renormalise, in place. (The sampler does the same
+    in its own cache-sized blocks: `X0Distribution`.)"""
     if rate >= 1.0 or probs.shape[0] == 0:
         return probs
-    if probs.dtype != torch.float32 or not probs.is_contiguous():
-        keep_at_or_above(probs, truncation_threshold(probs, rate))
-        return probs.mul_(probs.sum(dim=1, keepdim=True).reciprocal_())
-    workspace = Workspace(probs.shape[1], probs.shape[0], probs.device)
-    for block in probs.split(workspace.rows):
-        threshold, mass = threshold_and_mass(block, rate, workspace)
-        keep_at_or_above(block, threshold, workspace.view("float32", block.shape))
-        block.mul_(mass.reciprocal().float().unsqueeze(1))
-    return probs
+    keep_at_or_above(probs, truncation_threshold(probs, rate))
+    return probs.mul_(probs.sum(dim=1, keepdim=True).reciprocal_())
 
 
 def keep_at_or_above(probs: torch.Tensor, threshold: torch.Tensor, scratch: torch.Tensor | None = None
@@ -81,7 +75,6 @@ class Workspace:
         self.int32 = torch.empty(size, dtype=torch.int32, device=device)
         self.int64 = torch.empty(size, dtype=torch.int64, device=device)
         self.spread = torch.empty(size, dtype=torch.int32, device=device)
-        self.float32 = torch.empty(size, dtype=torch.float32, device=device)
         self.float64 = torch.empty(size, dtype=torch.float64, device=device)
         self.mass = torch.empty(0, dtype=torch.float64, device=device)
 
@@ -93,14 +86,6 @@ class Workspace:
         if self.mass.numel() < shape[0] * shape[1]:
             self.mass = torch.empty(shape[0] * shape[1], dtype=torch.float64, device=self.mass.device)
         return self.view("mass", shape).zero_()
-
-
-def threshold_and_mass(values: torch.Tensor, rate: float, workspace: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
-    """The threshold `[R, 1]` of contiguous float32 rows `[R, K]` and the mass every class at or above it holds
-    `[R]` (float64, exact)."""
-    crossings = Crossings()
-    crossings.add(values, rate, workspace)
-    return crossings.resolve(rate)
 
 
 class Crossings:

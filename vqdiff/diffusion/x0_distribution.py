@@ -175,8 +175,8 @@ class X0Distribution:
         batch_size, _, num_tokens = self.shape
         if (self._table is None and self.truncation_rate < 1.0 and self.cond.device.type == "cpu"
                 and rows.shape[0] >= DENSE_SHARE * batch_size * num_tokens):
-            rows = [self._distribution(slice(b * num_tokens, (b + 1) * num_tokens)) for b in range(batch_size)]
-            probs, threshold, kept = zip(*rows)
+            tables = [self._distribution(slice(b * num_tokens, (b + 1) * num_tokens)) for b in range(batch_size)]
+            probs, threshold, kept = zip(*tables)
             self._table = list(probs), torch.stack(threshold), torch.stack(kept)
         return self._table is not None
 
