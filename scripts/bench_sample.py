@@ -16,7 +16,12 @@ weights (as PERFORMANCE.md's anchors), `--dtype bf16-weights` casts the network.
 
 `--against diffusers` instead times diffusers' Transformer2DModel + VQDiffusionScheduler (+ its pipeline's
 truncate) on the same weights, text and timesteps in the same process, interleaved, and prints both sides' ms per
-step (network, step, truncated, guided) and their ratios (see vqdiff.eval.side_by_side). `--checkpoint RUN` takes
+step (network, step, truncated, guided), images/s of the `--steps`-step runs, and their ratios (see
+vqdiff.eval.side_by_side); `--dtype` and `--compile` apply to both networks. On a GPU (PERFORMANCE.md's anchor):
+
+    python scripts/bench_sample.py --configs B --dtype bf16-weights --compile --steps 100 --against diffusers
+
+`--checkpoint RUN` takes
 the network, schedule and prompts (its preview prompts through its text encoder) of any run, checkpoint or
 pipeline folder instead of a random config.
 """
@@ -41,18 +46,27 @@ CONFIGS = {  # layers, width, heads, grid side, K (without [MASK]), default batc
 }
 
 
+def prepared(network: torch.nn.Module, dtype: str, compile_mode: str | None) -> torch.nn.Module:
+    """The network as timed: its weights cast for `bf16-weights`, its forward compiled with `compile_mode`."""
+    if dtype == "bf16-weights":
+        network = network.to(torch.bfloat16)
+    if compile_mode:  # one graph per batch size (the guided call is 2B)
+        torch._dynamo.config.automatic_dynamic_shapes = False
+        network.forward = torch.compile(network.forward, mode=compile_mode)
+    return network
+
+
+def autocast(device: torch.device, dtype: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
 def bench(label: str, setup, steps: int, runs: list[int], device, dtype: str, compile_mode: str | None) -> str:
     """One table row for the network, diffusion, text and null text of `setup` (random_setup, checkpoint_setup)."""
     model, diffusion, text, null_text = setup
-    if dtype == "bf16-weights":
-        model = model.to(torch.bfloat16)
-    if compile_mode:  # one graph per batch size (the guided call is 2B)
-        torch._dynamo.config.automatic_dynamic_shapes = False
-        model.forward = torch.compile(model.forward, mode=compile_mode)
+    model = prepared(model, dtype, compile_mode)
     weight_dtype = next(model.parameters()).dtype
     batch, K, N = text.shape[0], diffusion.num_classes, model.num_tokens
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast(device, dtype):
         cond = model.cache_text(text.to(weight_dtype))
         null = model.cache_text(null_text.to(weight_dtype))
         x = torch.randint(0, K + 1, (batch, N), device=device)
@@ -104,31 +118,42 @@ def checkpoint_setup(path: str, batch: int, device):
     return pipe.model.network.eval(), pipe.diffusion, text.float(), null.float().contiguous()
 
 
-def against_diffusers(label: str, setup, steps: int, repeats: int, device) -> list[str]:
-    """Side-by-side rows: the same network as a Transformer2DModel, the same text, timesteps and step counts."""
+def against_diffusers(label: str, setup, args, device) -> tuple[str, list[str]]:
+    """Side-by-side rows: the same network as a Transformer2DModel, the same text, timesteps and step counts, both
+    networks at `args.dtype` (and compiled with `args.compile`)."""
     from vqdiff.interop.diffusers import transformer_to_diffusers
     network, diffusion, text, null_text = setup
-    theirs = DiffusersLoop(transformer_to_diffusers(network, ignore_padding_mask=True).to(device), network.num_classes,
-                           diffusion.num_timesteps, text, null_text)
+    steps, repeats = args.steps, args.repeats
+    transformer = transformer_to_diffusers(network, ignore_padding_mask=True).to(device)
     times = sampling_timesteps(diffusion.num_timesteps, steps)
-    batch, num_tokens = text.shape[0], theirs.transformer.num_latent_pixels
+    batch, num_tokens = text.shape[0], transformer.num_latent_pixels
     x = torch.randint(0, network.num_classes + 1, (batch, num_tokens), device=device)
     t = torch.full((batch,), times[len(times) // 2], device=device)
-    with torch.no_grad():
+
+    def loop(text, null_text):
+        return DiffusersLoop(transformer, network.num_classes, diffusion.num_timesteps, text, null_text)
+
+    with torch.no_grad():  # in float32, before any cast
+        difference = (network(x, t, text=text).log_softmax(1) - loop(text, null_text).network(x, int(t[0]))).abs().max()
+    network, transformer = prepared(network, args.dtype, args.compile), prepared(transformer, args.dtype, args.compile)
+    weight_dtype = next(network.parameters()).dtype
+    text, null_text = text.to(weight_dtype), null_text.to(weight_dtype)
+    theirs = loop(text, null_text)
+
+    with torch.no_grad(), autocast(device, args.dtype):
         cond, null = network.cache_text(text), network.cache_text(null_text)
-        difference = (network(x, t, text=text).log_softmax(1) - theirs.network(x, int(t[0]))).abs().max()
 
-    def ours(**options):
-        diffusion.sample(network, batch, num_tokens, cond=cond, null_cond=null, steps=steps, progress=False,
-                         device=device, **options)
+        def ours(**options):
+            diffusion.sample(network, batch, num_tokens, cond=cond, null_cond=null, steps=steps, progress=False,
+                             device=device, **options)
 
-    with torch.no_grad():
         figures = side_by_side({"vqdiff": (ours, lambda: network(x, t, **cond)),
                                 "diffusers": (lambda **options: theirs.run(times, **options),
                                               lambda: theirs.network(x, int(t[0])))}, steps, repeats, device)
-    note = (f"# {label}, batch {batch}: same weights (max |log p difference| {difference:.1e}), {steps} steps at "
-            f"t = {times}, medians of {repeats} interleaved rounds")
-    return note, markdown_rows(label, figures, "vqdiff", "diffusers")
+    shown = ", ".join(map(str, times)) if len(times) <= 12 else f"{times[0]}, {times[1]}, ..., {times[-1]}"
+    note = (f"# {label}, batch {batch}: same weights (max |log p difference| {difference:.1e} in float32), {steps} "
+            f"steps at t = {shown}, medians of {repeats} interleaved rounds")
+    return note, markdown_rows(label, figures, "vqdiff", "diffusers", batch, steps)
 
 
 def main(argv=None) -> None:
@@ -143,7 +168,7 @@ def main(argv=None) -> None:
                         help="torch.compile the network's forward (MODE: default, reduce-overhead = CUDA graphs)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--against", choices=("diffusers",), default=None,
-                        help="time diffusers' sampler beside ours instead (float32, same weights and inputs)")
+                        help="time diffusers' sampler beside ours instead (same weights, inputs, --dtype, --compile)")
     parser.add_argument("--checkpoint", default=None, help="a run, checkpoint or pipeline folder instead of --configs")
     parser.add_argument("--repeats", type=int, default=3, help="with --against: interleaved rounds (medians)")
     args = parser.parse_args(argv)
@@ -177,12 +202,12 @@ def compare(args, device, where: str) -> None:
     except ImportError:
         print("diffusers is not installed (pip install -e '.[dev]'): skipping the side-by-side comparison")
         return
-    print(f"# {where}, float32, torch {torch.__version__}, diffusers {diffusers.__version__}")
-    notes, rows = [], []
+    print(f"# {where}, {args.dtype}{f', compiled ({args.compile})' if args.compile else ''}, torch "
+          f"{torch.__version__}, diffusers {diffusers.__version__}")
+    rows = []
     for label, setup, batch in setups(args, device):
-        note, table = against_diffusers(label, setup(batch), args.steps, args.repeats, device)
+        note, table = against_diffusers(label, setup(batch), args, device)
         print(note, flush=True)
-        notes.append(note)
         rows += table
     print("\n".join(MARKDOWN_HEADER + rows))
 

@@ -39,20 +39,23 @@ def test_bench_sample_takes_a_checkpoint(tmp_path, tokenizer_dir):
 
 def side_by_side_rows(out: str) -> dict[str, list[str]]:
     return {row[1].strip(): row for row in (line.split("|")[1:-1] for line in out.splitlines())
-            if len(row) == 8 and row[1].strip() in ("vqdiff", "diffusers", "vqdiff / diffusers")}
+            if len(row) == 10 and row[1].strip() in ("vqdiff", "diffusers", "vqdiff / diffusers")}
 
 
-def check_side_by_side(out: str) -> None:
+def check_side_by_side(out: str, batch: int, steps: int) -> None:
     rows = side_by_side_rows(out)
     assert set(rows) == {"vqdiff", "diffusers", "vqdiff / diffusers"}, out
     for side in ("vqdiff", "diffusers"):
         network, step, truncated, guided = (float(v) for v in rows[side][2:6])
         assert min(network, step, truncated, guided) > 0
         assert float(rows[side][6]) == pytest.approx(truncated - step, abs=0.15)
-    ratios = [float(v.strip().rstrip("x")) for v in rows["vqdiff / diffusers"][2:6]]
-    assert ratios == pytest.approx([float(a) / float(b) for a, b in zip(rows["vqdiff"][2:6], rows["diffusers"][2:6])],
-                                   rel=0.05, abs=0.01)  # of the ms rounded to 0.1
-    difference = float(out.split("max |log p difference| ")[1].split(")")[0])
+        images = [float(v) for v in rows[side][8:10]]  # whole runs of `steps` steps of `batch` images
+        assert images == pytest.approx([1e3 * batch / (steps * step), 1e3 * batch / (steps * truncated)], rel=0.05)
+    ratios = [float(v.strip().rstrip("x")) for v in rows["vqdiff / diffusers"][2:6] + rows["vqdiff / diffusers"][8:10]]
+    columns = [*range(2, 6), 8, 9]
+    assert ratios == pytest.approx([float(rows["vqdiff"][i]) / float(rows["diffusers"][i]) for i in columns],
+                                   rel=0.05, abs=0.01)  # of figures rounded to 0.1 ms or 0.01 img/s
+    difference = float(out.split("max |log p difference| ")[1].split(" in float32)")[0])
     assert difference < 1e-4  # the same network on both sides
 
 
@@ -63,8 +66,11 @@ def bench_against(*args, env=None) -> str:
 
 
 def test_side_by_side_with_diffusers_on_a_random_config():
+    """--dtype applies to both networks (here bfloat16 weights); the agreement is checked in float32 first."""
     pytest.importorskip("diffusers")
-    check_side_by_side(bench_against("--configs", "shapes", "--batch", "2"))
+    out = bench_against("--configs", "shapes", "--batch", "2", "--dtype", "bf16-weights")
+    check_side_by_side(out, batch=2, steps=2)
+    assert out.startswith("# CPU, 1 threads, bf16-weights, torch "), out
 
 
 def random_pipeline_folder(tmp_path, tokenizer_dir) -> Path:
@@ -84,7 +90,7 @@ def test_side_by_side_with_a_pipeline_folder(tmp_path, tokenizer_dir):
     pytest.importorskip("diffusers")
     folder = random_pipeline_folder(tmp_path, tokenizer_dir)
     out = bench_against("--checkpoint", str(folder), "--batch", "2")
-    check_side_by_side(out)
+    check_side_by_side(out, batch=2, steps=2)
     assert f"checkpoint {folder}, batch 2" in out
 
 

@@ -103,18 +103,25 @@ def side_by_side(sides: dict[str, tuple[Callable, Callable]], steps: int, repeat
             for side in sides}
 
 
-def markdown_rows(label: str, figures: dict[str, dict[str, float]], ours: str, theirs: str) -> list[str]:
+def markdown_rows(label: str, figures: dict[str, dict[str, float]], ours: str, theirs: str, batch: int,
+                  steps: int) -> list[str]:
     """One row per side and one of their ratio: network, step, truncated and guided ms per step, what truncation
-    adds and the guided / unguided (both truncated) ratio."""
+    adds, the guided / unguided (both truncated) ratio, and images/s of the whole `steps`-step runs of `batch`
+    images, untruncated and truncated."""
+    figures = {side: {**f, "images": 1e3 * batch / (steps * f["step"]),
+                      "images truncated": 1e3 * batch / (steps * f["truncated"])} for side, f in figures.items()}
     rows = []
     for side, f in figures.items():
         rows.append(f"| {label} | {side} | {f['network']:.1f} | {f['step']:.1f} | {f['truncated']:.1f} | "
-                    f"{f['guided']:.1f} | {f['truncated'] - f['step']:+.1f} | {f['guided'] / f['truncated']:.2f} |")
+                    f"{f['guided']:.1f} | {f['truncated'] - f['step']:+.1f} | {f['guided'] / f['truncated']:.2f} | "
+                    f"{f['images']:.2f} | {f['images truncated']:.2f} |")
     a, b = figures[ours], figures[theirs]
     rows.append(f"| {label} | {ours} / {theirs} | " + " | ".join(
-        f"{a[k] / b[k]:.2f}x" for k in ("network", "step", "truncated", "guided")) + " | | |")
+        f"{a[k] / b[k]:.2f}x" for k in ("network", "step", "truncated", "guided")) + " | | | " + " | ".join(
+        f"{a[k] / b[k]:.2f}x" for k in ("images", "images truncated")) + " |")
     return rows
 
 
 MARKDOWN_HEADER = ["| config | impl | network ms | step ms | truncated step ms (r=0.86) | guided step ms (s=3, r=0.86) "
-                   "| truncation adds ms | guided / truncated |", "|---|---|---|---|---|---|---|---|"]
+                   "| truncation adds ms | guided / truncated | img/s | img/s truncated |",
+                   "|---|---|---|---|---|---|---|---|---|---|"]
