@@ -392,3 +392,28 @@ def test_one_ancestral_step_draws_the_posterior_mixture(step, schedule):
     out = fn(diffusion, x0_dist, xt.expand(S, -1), t, s, generator)
     frequencies = torch.nn.functional.one_hot(out, K + 1).double().mean(dim=0).T  # [K+1, N]
     assert (frequencies - expected).abs().max() < 0.01  # 4 standard errors of a frequency at S = 40k
+
+
+@pytest.mark.parametrize("strategy,guidance_scale", [("ancestral", 1.0), ("ancestral", 3.0), ("purity", 3.0)])
+def test_the_accelerator_path_draws_the_tokens_of_the_cpu_path(monkeypatch, strategy, guidance_scale):
+    """Truncated sampling as on an accelerator (every row at once: no cache-sized blocks, no table of every token),
+    run on the CPU, draws the very tokens of the CPU's blocks and table: one rule, exact in either order. K as the
+    COCO codebook, so a step spans many blocks (90 tokens each) and pieces (1,452)."""
+    from vqdiff.diffusion import truncation
+    K, B, N = 2887, 2, 1024
+    diffusion = MaskAndReplaceDiffusion(K, 100)
+
+    def sample():
+        return diffusion.sample(random_model(K, seed=3, scale=4.0), B, N, steps=4, truncation_rate=0.86,
+                                guidance_scale=guidance_scale, null_cond={}, strategy=strategy,
+                                generator=torch.Generator().manual_seed(5), progress=False)
+
+    blocks, add = [], truncation.Crossings.add
+    monkeypatch.setattr(truncation.Crossings, "add", lambda self, values, *args: (blocks.append(values.shape[0]),
+                                                                                  add(self, values, *args)))
+    on_cpu = sample()
+    assert max(blocks) == truncation.CHUNK_ELEMENTS // K
+    blocks.clear()
+    monkeypatch.setattr(truncation, "in_cache_blocks", lambda device: False)
+    assert torch.equal(sample(), on_cpu)
+    assert max(blocks) > truncation.CHUNK_ELEMENTS // K  # one block of every row asked

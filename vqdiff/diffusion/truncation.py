@@ -23,6 +23,12 @@ BELOW_COLUMNS = 16  # histogram columns that share the classes below the buckets
 EXACT_FLOOR = 2.0**-29  # float32 values from here up are multiples of 2^-52: their float64 sums are exact
 
 
+def in_cache_blocks(device: torch.device) -> bool:
+    """Whether work over many rows runs one cache-sized block at a time (on a CPU), or on all rows at once (on an
+    accelerator, where one launch per operation over every row is what pays)."""
+    return device.type == "cpu"
+
+
 def truncate(probs: torch.Tensor, rate: float) -> torch.Tensor:
     """Keep, per row of `[R, K]` probabilities, the smallest set of classes holding `rate` of the mass
     (classes tied with the smallest kept one stay too) and renormalise, in place. (The sampler does the same
@@ -70,7 +76,7 @@ class Workspace:
     on an accelerator every row at once."""
 
     def __init__(self, num_classes: int, num_rows: int, device: torch.device):
-        self.rows = max(1, CHUNK_ELEMENTS // num_classes) if device.type == "cpu" else num_rows
+        self.rows = max(1, CHUNK_ELEMENTS // num_classes) if in_cache_blocks(device) else num_rows
         size = min(self.rows, num_rows) * num_classes
         self.int32 = torch.empty(size, dtype=torch.int32, device=device)
         self.int64 = torch.empty(size, dtype=torch.int64, device=device)

@@ -4,6 +4,7 @@ tempered, truncated distribution of VQ-Diffusion's samplers (`discrete_sampling`
 import torch
 
 from .losses import shifted_exp
+from . import truncation
 from .truncation import Crossings, Workspace, keep_at_or_above
 
 DENSE_SHARE = 0.5  # on CPU, truncate every token at once when a step asks for at least this share of them
@@ -173,7 +174,7 @@ class X0Distribution:
         `_distribution` per batch row, `[N, K]` each (below glibc's mmap threshold, so the last step's memory is
         reused)."""
         batch_size, _, num_tokens = self.shape
-        if (self._table is None and self.truncation_rate < 1.0 and self.cond.device.type == "cpu"
+        if (self._table is None and self.truncation_rate < 1.0 and truncation.in_cache_blocks(self.cond.device)
                 and rows.shape[0] >= DENSE_SHARE * batch_size * num_tokens):
             tables = [self._distribution(slice(b * num_tokens, (b + 1) * num_tokens)) for b in range(batch_size)]
             probs, threshold, kept = zip(*tables)
@@ -184,7 +185,7 @@ class X0Distribution:
         """Consecutive slices of `count` rows taking at most 16 MiB of float32 each on CPU (bounded temporaries:
         glibc reuses freed blocks below its 32 MiB mmap threshold instead of mapping fresh zeroed pages, 2-3x
         faster per pass); one slice elsewhere."""
-        size = max(1, (1 << 22) // self.shape[1]) if self.cond.device.type == "cpu" else max(count, 1)
+        size = max(1, (1 << 22) // self.shape[1]) if truncation.in_cache_blocks(self.cond.device) else max(count, 1)
         return [slice(i, i + size) for i in range(0, count, size)]
 
     def purity(self, rows: torch.Tensor) -> torch.Tensor:
