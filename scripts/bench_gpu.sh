@@ -22,9 +22,10 @@ py=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$py" -c "import diffusers" 2>/dev/null && compgen -G ".whl/diffusers-*.whl" >/dev/null; then
-    "$py" -m pip install -q --no-deps --no-index --target "$out/.pydeps" .whl/diffusers-*.whl \
+    deps=$(mktemp -d)
+    "$py" -m pip install -q --no-deps --no-index --target "$deps" .whl/diffusers-*.whl \
         || echo "bench_gpu.sh: could not install .whl/diffusers-*.whl; side_by_side will say diffusers is missing" >&2
-    export PYTHONPATH="$PYTHONPATH:$PWD/$out/.pydeps"
+    export PYTHONPATH="$PYTHONPATH:$deps"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.md"
 run() { local name=$1; shift; echo "## $name: $*" | tee -a "$out/$name.md"; timeout 900 "$py" "$@" 2>&1 | tee -a "$out/$name.md"; }
