@@ -148,3 +148,21 @@ def test_cpu_threads_after_accelerate_launch(monkeypatch, env, cores, expect):
     monkeypatch.setattr(loop.torch, "set_num_threads", chosen.append)
     loop.use_cpu_share(num_processes=1)
     assert (chosen[-1] if chosen else 1) == expect
+
+
+def test_resume_rewinds_the_log_to_its_checkpoint(tmp_path):
+    """A run killed after logging steps its last checkpoint does not hold (and mid-line): resumed, its log has each
+    step once, and the records of the steps run again are those of an uninterrupted run."""
+    straight = train(config(tmp_path, 12, "straight"), make_task(), Points(), progress=False)
+    split = train(config(tmp_path, 8, "split"), make_task(), Points(), progress=False)
+    latest_checkpoint(split).rename(split / "step_8_gone")  # the kill came before step 8's checkpoint
+    with open(split / "log.jsonl", "a") as f:
+        f.write('{"step": 10, "loss": 0.')
+    train(config(tmp_path, 12, "split"), make_task(), Points(), resume="auto", progress=False)
+
+    def records(run):
+        return [{k: v for k, v in json.loads(line).items() if k not in ("steps_per_s", "trained_s")}
+                for line in (run / "log.jsonl").read_text().splitlines()]
+
+    assert [r["step"] for r in records(split)] == [2, 4, 6, 8, 10, 12]
+    assert records(split) == records(straight)

@@ -26,7 +26,7 @@ from ..io.checkpoint import (CheckpointError, architecture_differences, latest_i
                              load_torch, load_weights, read_config, read_state, resolve_checkpoint, save_checkpoint)
 from .ema import EMA
 from .guard import DivergenceGuard, TrainingDiverged  # noqa: F401 -- TrainingDiverged: callers catch it from here
-from .run_dir import prepare_run_dir
+from .run_dir import prepare_run_dir, rewind_log
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,8 @@ def train(cfg: ExperimentConfig, task: TrainTask, dataset, resume: "str | None" 
         start_step = state["step"]
         trained_s = state.get("trained_s", 0.0)
         log.info("resumed from %s at step %d", checkpoint, start_step)
+        if accelerator.is_main_process:
+            rewind_log(run_dir, start_step)
         if start_step >= tc.max_steps:
             log.warning("the checkpoint is at step %d, train.max_steps is %d: nothing left to train", start_step,
                         tc.max_steps)

@@ -28,7 +28,7 @@ from ..io.tokenizer import save_tokenizer
 from .guard import DivergenceGuard
 from .loop import (adamw, checkpoint_to_resume, gradient_norm, learning_rate, make_accelerator, make_loader,
                    step_generator, to_device)
-from .run_dir import prepare_run_dir
+from .run_dir import prepare_run_dir, rewind_log
 from .vqvae_losses import VQVAELoss, codebook_counts, codebook_perplexity, psnr
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,8 @@ def train_vqvae(cfg: ExperimentConfig, model: GumbelVQVAE, loss: VQVAELoss, data
     disc_optimizer = (adamw(disc.parameters(), tc.lr, betas, tc.weight_decay)
                       if disc is not None else None)
     start_step, checkpoint = _resume(run_dir, resume, cfg, model, optimizer, disc, disc_optimizer, accelerator)
+    if checkpoint is not None and accelerator.is_main_process:
+        rewind_log(run_dir, start_step)
     guard = DivergenceGuard(tc, checkpoint, skip_infinite_grads=tc.mixed_precision is MixedPrecision.FP16)
     guard.start(model.parameters())
 
