@@ -123,8 +123,8 @@ def test_time_to_accuracy_reads_logged_evaluations(tmp_path):
     log.write_text("\n".join(json.dumps(r) for r in [
         {"step": 50, "loss": 0.3}, {"step": 100, "trained_s": 60.0, "eval": {"1 object": 0.5}},
         {"step": 200, "trained_s": 130.0, "eval": {"1 object": 0.85}},
-        {"step": 300, "trained_s": 200.0, "eval": {"1 object": 0.9}}]) + "\n")
-    assert time_to_accuracy(log) == 130.0
+        {"step": 300, "trained_s": 200.0, "eval": {"1 object": 0.9}}]) + '\n{"step": 310, "trained_s": 2')
+    assert time_to_accuracy(log) == 130.0  # the last line, cut short by a kill, is skipped
     assert time_to_accuracy(log, threshold=0.95) == "not reached"
     assert time_to_accuracy(log, group="2 objects") == "not logged"
     assert time_to_accuracy(None) == "not logged"

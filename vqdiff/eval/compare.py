@@ -5,7 +5,6 @@ A pipeline is anything called as `pipe(prompts, generator, progress=False, **opt
 GaussianTextToImagePipeline both are. Every model gets the same prompts and the same seed.
 """
 
-import json
 import math
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..config import DiffusionSpace, ModelType
 from ..images import make_grid
+from ..io.run_log import read_log
 from .shapes import evaluate
 
 GROUPS = ("1 object", "2 objects", "seen", "held-out")
@@ -68,7 +68,7 @@ def logged_evaluations(log_path: Path | None, group: str = "1 object") -> list[t
     """(training seconds, `group` per-image accuracy) of each evaluation a run logged (train.eval_every)."""
     if log_path is None:
         return []
-    return [(record["trained_s"], record["eval"][group]) for record in map(json.loads, log_path.read_text().splitlines())
+    return [(record["trained_s"], record["eval"][group]) for record in read_log(log_path)
             if group in record.get("eval", {})]
 
 

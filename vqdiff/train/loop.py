@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 from ..config import ConfigError, ExperimentConfig, LRSchedule, MixedPrecision, TrainConfig, save_config
 from ..io.checkpoint import (CheckpointError, architecture_differences, latest_intact_checkpoint, load_into,
                              load_torch, load_weights, read_config, read_state, resolve_checkpoint, save_checkpoint)
+from ..io.run_log import rewind_log
 from .ema import EMA
 from .guard import DivergenceGuard, TrainingDiverged  # noqa: F401 -- TrainingDiverged: callers catch it from here
-from .run_dir import prepare_run_dir, rewind_log
+from .run_dir import prepare_run_dir
 
 log = logging.getLogger(__name__)
 

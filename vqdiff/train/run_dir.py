@@ -5,9 +5,7 @@ it, or `overwrite=True` to start over, which first removes what the earlier run 
 before it writes anything. Leftover `step_N.tmp` folders (a kill or a full disk during a save) are removed.
 """
 
-import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -50,26 +48,3 @@ def prepare_run_dir(run_dir: Path, resume: "str | None", overwrite: bool, main_p
             elif path.exists():
                 path.unlink()
 
-
-def rewind_log(run_dir: Path, step: int) -> None:
-    """Cut the run's log.jsonl back to what it said at `step`, the checkpoint the run resumes from: from the first
-    record of a later step (or a line cut short by a kill) on, the interrupted run wrote it, and the resumed run
-    logs those steps again (learning curves and time-to-accuracy read each step once). Rewritten atomically."""
-    path = Path(run_dir) / "log.jsonl"
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    for index, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if not line.endswith("\n") or not isinstance(record, dict) or record.get("step", 0) > step:
-            break
-    else:
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(lines[:index]))
-    os.replace(tmp, path)
-    log.info("log.jsonl: dropped its last %d line(s), written after step %d by the interrupted run",
-             len(lines) - index, step)

@@ -25,10 +25,11 @@ from ..models.vqvae import GumbelVQVAE, batch_images
 from ..io.checkpoint import (CheckpointError, architecture_differences, load_into, load_torch, load_weights,
                              read_config, read_state, save_checkpoint)
 from ..io.tokenizer import save_tokenizer
+from ..io.run_log import rewind_log
 from .guard import DivergenceGuard
 from .loop import (adamw, checkpoint_to_resume, gradient_norm, learning_rate, make_accelerator, make_loader,
                    step_generator, to_device)
-from .run_dir import prepare_run_dir, rewind_log
+from .run_dir import prepare_run_dir
 from .vqvae_losses import VQVAELoss, codebook_counts, codebook_perplexity, psnr
 
 log = logging.getLogger(__name__)
