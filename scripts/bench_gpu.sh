@@ -28,11 +28,16 @@ if ! "$py" -c "import diffusers" 2>/dev/null && compgen -G ".whl/diffusers-*.whl
     export PYTHONPATH="$PYTHONPATH:$deps"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.md"
-run() { local name=$1; shift; echo "## $name: $*" | tee -a "$out/$name.md"; timeout 900 "$py" "$@" 2>&1 | tee -a "$out/$name.md"; }
+run() {
+    local name=$1; shift
+    echo "## $name: $*" | tee -a "$out/$name.md"
+    timeout 900 "$py" "$@" 2>&1 | tee -a "$out/$name.md"
+}
 for group in $groups; do
     case $group in
     side_by_side)
-        run side_by_side scripts/bench_sample.py --configs B --dtype bf16-weights --steps 100 --repeats 3 --against diffusers
+        run side_by_side scripts/bench_sample.py --configs B --dtype bf16-weights --steps 100 --repeats 3 \
+            --against diffusers
         run side_by_side scripts/bench_sample.py --configs B --dtype bf16-weights --compile --steps 100 --repeats 3 \
             --against diffusers ;;
     sample_B)

@@ -21,9 +21,8 @@ vqdiff.eval.side_by_side); `--dtype` and `--compile` apply to both networks. On 
 
     python scripts/bench_sample.py --configs B --dtype bf16-weights --compile --steps 100 --against diffusers
 
-`--checkpoint RUN` takes
-the network, schedule and prompts (its preview prompts through its text encoder) of any run, checkpoint or
-pipeline folder instead of a random config.
+`--checkpoint RUN` takes the network, schedule and prompts (its preview prompts through its text encoder) of any
+run, checkpoint or pipeline folder instead of a random config.
 """
 
 import argparse
