@@ -3,8 +3,8 @@ tempered, truncated distribution of VQ-Diffusion's samplers (`discrete_sampling`
 
 import torch
 
-from .losses import shifted_exp
 from . import truncation
+from .losses import shifted_exp
 from .truncation import Crossings, Workspace, keep_at_or_above
 
 DENSE_SHARE = 0.5  # on CPU, truncate every token at once when a step asks for at least this share of them

@@ -23,9 +23,10 @@ def read_log(path: "str | Path") -> list[dict]:
 
 
 def rewind_log(run_dir: Path, step: int) -> None:
-    """Cut the run's log.jsonl back to what it said at `step`, the checkpoint the run resumes from: from the first
-    record of a later step (or a line cut short by a kill) on, the interrupted run wrote it, and the resumed run
-    logs those steps again (learning curves and time-to-accuracy read each step once). Rewritten atomically."""
+    """Cut the run's log.jsonl back to what it said at `step`, the checkpoint the run resumes from. Everything from
+    the first record of a later step (or a line cut short by a kill) on was written by the interrupted run, and the
+    resumed run logs those steps again; learning curves and time-to-accuracy must read each step once. The file is
+    rewritten atomically."""
     path = Path(run_dir) / "log.jsonl"
     if not path.is_file():
         return

@@ -47,4 +47,3 @@ def prepare_run_dir(run_dir: Path, resume: "str | None", overwrite: bool, main_p
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-
