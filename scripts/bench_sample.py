@@ -30,10 +30,9 @@ import argparse
 import torch
 
 from vqdiff.diffusion.discrete import MaskAndReplaceDiffusion
-from vqdiff.diffusion.discrete_sampling import sampling_timesteps
 from vqdiff.errors import script_main
-from vqdiff.eval.bench import peak_memory_bytes, seconds_per_call
-from vqdiff.eval.side_by_side import MARKDOWN_HEADER, DiffusersLoop, calls, markdown_rows, side_by_side
+from vqdiff.eval.bench import autocast, peak_memory_bytes, prepared, seconds_per_call
+from vqdiff.eval.side_by_side import MARKDOWN_HEADER, calls, compare_with_diffusers
 from vqdiff.models.transformer import TRANSFORMER_PRESETS, DiffusionTransformer
 
 CONFIGS = {  # layers, width, heads, grid side, K (without [MASK]), default batch
@@ -43,20 +42,6 @@ CONFIGS = {  # layers, width, heads, grid side, K (without [MASK]), default batc
     "shapes": (4, 256, 8, 8, 670, 8),  # configs/shapes.yaml's network (K: vqvae_shapes32 kept 670-707 codes)
     "S256": (*TRANSFORMER_PRESETS["S"].values(), 32, 2887, 8),  # the S preset at 256 px
 }
-
-
-def prepared(network: torch.nn.Module, dtype: str, compile_mode: str | None) -> torch.nn.Module:
-    """The network as timed: its weights cast for `bf16-weights`, its forward compiled with `compile_mode`."""
-    if dtype == "bf16-weights":
-        network = network.to(torch.bfloat16)
-    if compile_mode:  # one graph per batch size (the guided call is 2B)
-        torch._dynamo.config.automatic_dynamic_shapes = False
-        network.forward = torch.compile(network.forward, mode=compile_mode)
-    return network
-
-
-def autocast(device: torch.device, dtype: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
 def bench(label: str, setup, steps: int, runs: list[int], device, dtype: str, compile_mode: str | None) -> str:
@@ -118,41 +103,12 @@ def checkpoint_setup(path: str, batch: int, device):
 
 
 def against_diffusers(label: str, setup, args, device) -> tuple[str, list[str]]:
-    """Side-by-side rows: the same network as a Transformer2DModel, the same text, timesteps and step counts, both
-    networks at `args.dtype` (and compiled with `args.compile`)."""
+    """Side-by-side rows of `setup`'s network beside its conversion to diffusers' Transformer2DModel."""
     from vqdiff.interop.diffusers import transformer_to_diffusers
-    network, diffusion, text, null_text = setup
-    steps, repeats = args.steps, args.repeats
+    network = setup[0]
     transformer = transformer_to_diffusers(network, ignore_padding_mask=True).to(device)
-    times = sampling_timesteps(diffusion.num_timesteps, steps)
-    batch, num_tokens = text.shape[0], transformer.num_latent_pixels
-    x = torch.randint(0, network.num_classes + 1, (batch, num_tokens), device=device)
-    t = torch.full((batch,), times[len(times) // 2], device=device)
-
-    def loop(text, null_text):
-        return DiffusersLoop(transformer, network.num_classes, diffusion.num_timesteps, text, null_text)
-
-    with torch.no_grad():  # in float32, before any cast
-        difference = (network(x, t, text=text).log_softmax(1) - loop(text, null_text).network(x, int(t[0]))).abs().max()
-    network, transformer = prepared(network, args.dtype, args.compile), prepared(transformer, args.dtype, args.compile)
-    weight_dtype = next(network.parameters()).dtype
-    text, null_text = text.to(weight_dtype), null_text.to(weight_dtype)
-    theirs = loop(text, null_text)
-
-    with torch.no_grad(), autocast(device, args.dtype):
-        cond, null = network.cache_text(text), network.cache_text(null_text)
-
-        def ours(**options):
-            diffusion.sample(network, batch, num_tokens, cond=cond, null_cond=null, steps=steps, progress=False,
-                             device=device, **options)
-
-        figures = side_by_side({"vqdiff": (ours, lambda: network(x, t, **cond)),
-                                "diffusers": (lambda **options: theirs.run(times, **options),
-                                              lambda: theirs.network(x, int(t[0])))}, steps, repeats, device)
-    shown = ", ".join(map(str, times)) if len(times) <= 12 else f"{times[0]}, {times[1]}, ..., {times[-1]}"
-    note = (f"# {label}, batch {batch}: same weights (max |log p difference| {difference:.1e} in float32), {steps} "
-            f"steps at t = {shown}, medians of {repeats} interleaved rounds")
-    return note, markdown_rows(label, figures, "vqdiff", "diffusers", batch, steps)
+    return compare_with_diffusers(label, setup, transformer, args.steps, args.repeats, device, args.dtype,
+                                  args.compile)
 
 
 def main(argv=None) -> None:

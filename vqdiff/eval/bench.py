@@ -5,6 +5,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 
 def synchronize(device) -> None:
@@ -36,3 +37,18 @@ def peak_memory_bytes(device) -> int:
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def prepared(network: nn.Module, dtype: str, compile_mode: str | None) -> nn.Module:
+    """The network as timed: its weights cast for `bf16-weights`, its forward compiled with `compile_mode`."""
+    if dtype == "bf16-weights":
+        network = network.to(torch.bfloat16)
+    if compile_mode:  # one graph per batch size (the guided call is 2B)
+        torch._dynamo.config.automatic_dynamic_shapes = False
+        network.forward = torch.compile(network.forward, mode=compile_mode)
+    return network
+
+
+def autocast(device: torch.device, dtype: str):
+    """bfloat16 autocast for `bfloat16` (float32 weights, as PERFORMANCE.md's anchors), else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")

@@ -15,6 +15,9 @@ from collections.abc import Callable
 
 import torch
 
+from ..diffusion.discrete_sampling import sampling_timesteps
+from .bench import autocast, prepared
+
 GUIDANCE_SCALE, TRUNCATION_RATE = 3.0, 0.86
 
 
@@ -125,3 +128,41 @@ def markdown_rows(label: str, figures: dict[str, dict[str, float]], ours: str, t
 MARKDOWN_HEADER = ["| config | impl | network ms | step ms | truncated step ms (r=0.86) | guided step ms (s=3, r=0.86) "
                    "| truncation adds ms | guided / truncated | img/s | img/s truncated |",
                    "|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def compare_with_diffusers(label: str, setup, transformer, steps: int, repeats: int, device: torch.device,
+                           dtype: str = "float32", compile_mode: str | None = None) -> tuple[str, list[str]]:
+    """A note and the markdown rows of vqdiff's sampler beside diffusers' on the same network: `setup` = (network,
+    diffusion, text, null text) and `transformer` the network as a Transformer2DModel (interop.diffusers); the
+    same text, timesteps and step counts, both networks at `dtype` (bench.prepared) and compiled with
+    `compile_mode`. The two networks' agreement is measured in float32, before any cast."""
+    network, diffusion, text, null_text = setup
+    times = sampling_timesteps(diffusion.num_timesteps, steps)
+    batch, num_tokens = text.shape[0], transformer.num_latent_pixels
+    x = torch.randint(0, network.num_classes + 1, (batch, num_tokens), device=device)
+    t = torch.full((batch,), times[len(times) // 2], device=device)
+
+    def loop(text, null_text):
+        return DiffusersLoop(transformer, network.num_classes, diffusion.num_timesteps, text, null_text)
+
+    with torch.no_grad():
+        difference = (network(x, t, text=text).log_softmax(1) - loop(text, null_text).network(x, int(t[0]))).abs().max()
+    network, transformer = prepared(network, dtype, compile_mode), prepared(transformer, dtype, compile_mode)
+    weight_dtype = next(network.parameters()).dtype
+    text, null_text = text.to(weight_dtype), null_text.to(weight_dtype)
+    theirs = loop(text, null_text)
+
+    with torch.no_grad(), autocast(device, dtype):
+        cond, null = network.cache_text(text), network.cache_text(null_text)
+
+        def ours(**options):
+            diffusion.sample(network, batch, num_tokens, cond=cond, null_cond=null, steps=steps, progress=False,
+                             device=device, **options)
+
+        figures = side_by_side({"vqdiff": (ours, lambda: network(x, t, **cond)),
+                                "diffusers": (lambda **options: theirs.run(times, **options),
+                                              lambda: theirs.network(x, int(t[0])))}, steps, repeats, device)
+    shown = ", ".join(map(str, times)) if len(times) <= 12 else f"{times[0]}, {times[1]}, ..., {times[-1]}"
+    note = (f"# {label}, batch {batch}: same weights (max |log p difference| {difference:.1e} in float32), {steps} "
+            f"steps at t = {shown}, medians of {repeats} interleaved rounds")
+    return note, markdown_rows(label, figures, "vqdiff", "diffusers", batch, steps)
